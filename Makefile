@@ -1,0 +1,39 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# Both create .venv and install everything on a fresh machine first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision first, by version, so pip takes them from the machine's local disk when
+	# present; elsewhere the project's own range (torch>=2.6) applies.
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q "torch>=2.6" "torchvision>=0.21"
+	$(BIN)/pip install -q -e ".[test]"
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+		echo "note: could not install dataset-fashion-mnist; training on it will be skipped"; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: one study end to end on the embedded default, then the report.
+demo: $(STAMP)
+	$(BIN)/sasa-bench flops --paper
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Everything, slow tests included (CI runs this).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check sasa_bench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,85 @@
+"""`sasa-bench flops` and `sasa-bench models`: parameters, GMACs and the paper's GFLOPS."""
+
+from typing import Annotated
+
+import typer
+
+from sasa_bench.cli.options import ModelOptions, model_options
+from sasa_bench.cli.output import check_format, emit, err_console
+from sasa_bench.measure.flops import count_flops
+from sasa_bench.models import build_model
+from sasa_bench.report.paper import TABLE1
+from sasa_bench.spec import PRESETS, TABLE1_MODELS, ModelSpec
+
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv")]
+
+
+def flops_row(spec: ModelSpec, paper: bool = False, counter: str = "both") -> dict:
+    """One row: the model's params and FLOPs (and the paper's Table 1 numbers, if asked)."""
+    model = build_model(spec)
+    c = count_flops(model, spec.image_size, counter=counter)
+    row = {
+        "model": spec.name,
+        "params": c.params,
+        "params_m": c.params / 1e6,
+        "gmacs": c.gmacs,
+        "gflops": c.gflops,
+        "image_size": spec.image_size,
+    }
+    if paper:
+        ref = TABLE1.get(spec.name) if spec.image_size == 224 else None
+        row["paper_params_m"] = ref[1] if ref else None
+        row["paper_gflops"] = ref[0] if ref else None
+        row["paper_top1"] = ref[2] if ref else None
+    return row
+
+
+@model_options
+def flops(
+    model_opts: ModelOptions,
+    paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 1 numbers beside ours; with no --model, the nine Table 1 models.")] = False,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Params (M), GMACs and GFLOPS (= 2 x multiply-adds, the paper's convention).
+
+    fvcore and torch's FlopCounterMode both count every model and must agree.
+    """
+    check_format(fmt)
+    specs = model_opts.specs(TABLE1_MODELS if paper else None)
+    rows = []
+    with err_console.status("counting FLOPs…") as status:
+        for spec in specs:
+            status.update(f"counting FLOPs of {spec.name}…")
+            rows.append(flops_row(spec, paper))
+    cols = ["model", "params_m", "gmacs", "gflops"]
+    if paper:
+        cols += ["paper_params_m", "paper_gflops", "paper_top1"]
+    headers = {
+        "params_m": "params (M)",
+        "gmacs": "GMACs",
+        "gflops": "GFLOPS",
+        "paper_params_m": "paper params",
+        "paper_gflops": "paper GFLOPS",
+        "paper_top1": "paper top-1",
+    }
+    digits = {"paper_params_m": 1, "paper_gflops": 1, "paper_top1": 1, "params_m": 2, "gflops": 2, "gmacs": 2}
+    emit(rows, fmt, cols if fmt != "json" else None, title="FLOPs and parameters (1 image)", headers=headers, digits=digits)
+
+
+def models(fmt: FormatOpt = "table") -> None:
+    """List the presets with their params and GFLOPS (224x224, 1000 classes)."""
+    check_format(fmt)
+    rows = []
+    with err_console.status("counting FLOPs…"):
+        for spec in PRESETS.values():
+            r = flops_row(spec, counter="torch")
+            r["depth"], r["stem"] = spec.depth, spec.stem
+            r["attention_groups"] = list(spec.attention_groups)
+            rows.append(r)
+    emit(
+        rows,
+        fmt,
+        ["model", "depth", "stem", "attention_groups", "params_m", "gflops"] if fmt != "json" else None,
+        title="Presets",
+        headers={"params_m": "params (M)", "gflops": "GFLOPS", "attention_groups": "attention groups"},
+    )

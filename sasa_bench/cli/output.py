@@ -1,0 +1,73 @@
+"""Rows out: a rich table on a terminal, JSON or CSV for machines (data on stdout only)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sasa_bench.errors import SasaError
+
+FORMATS = ("table", "json", "csv")
+
+# stderr console for logs and progress, so stdout carries only data.
+err_console = Console(stderr=True)
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise SasaError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return fmt
+
+
+def _cell(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "none"
+    return str(v)
+
+
+def emit(
+    rows: Sequence[dict[str, Any]],
+    fmt: str,
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    digits: dict[str, int] | None = None,
+) -> None:
+    """Print ``rows``; ``columns`` picks and orders the table/CSV columns (JSON keeps every key)."""
+    check_format(fmt)
+    cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+    if fmt == "json":
+        sys.stdout.write(json.dumps(list(rows), indent=2, default=str) + "\n")
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: _csv_cell(r.get(c)) for c in cols})
+        sys.stdout.write(buf.getvalue())
+    else:
+        table = Table(title=title)
+        for c in cols:
+            left = c in ("model", "variant", "name")
+            table.add_column((headers or {}).get(c, c), justify="left" if left else "right", no_wrap=left)
+        for r in rows:
+            table.add_row(*(_cell(r.get(c), (digits or {}).get(c, 3)) for c in cols))
+        # Off a terminal rich assumes 80 columns; let wide tables keep their model names.
+        Console(width=None if sys.stdout.isatty() else 240).print(table)
+
+
+def _csv_cell(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return "" if v is None else v

@@ -1,0 +1,75 @@
+"""Attention backends by name: which exist, which run here, which ``auto`` picks.
+
+A backend is a function with the signature of
+:func:`sasa_bench.kernels.reference.local_attention_reference`. Fast backends register
+themselves in :mod:`sasa_bench.kernels` with an availability probe and the device types they
+serve; ``auto`` picks the first available backend in ``AUTO_ORDER`` for the tensor's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sasa_bench.errors import SasaError
+
+AttentionFn = Callable[..., "object"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: AttentionFn
+    devices: tuple[str, ...]  # torch device types it runs on: "cpu", "cuda"
+    is_available: Callable[[], bool]
+    description: str
+
+
+_BACKENDS: dict[str, Backend] = {}
+# Preference for ``auto``, fastest first; filled by the modules that register fast backends.
+AUTO_ORDER: dict[str, list[str]] = {"cpu": [], "cuda": []}
+
+
+def register_backend(backend: Backend, auto_rank: dict[str, int] | None = None) -> None:
+    """Add a backend; ``auto_rank`` maps device type -> position in that device's auto order."""
+    _BACKENDS[backend.name] = backend
+    for dev, pos in (auto_rank or {}).items():
+        order = AUTO_ORDER.setdefault(dev, [])
+        if backend.name not in order:
+            order.insert(pos, backend.name)
+
+
+def all_backends() -> dict[str, Backend]:
+    return dict(_BACKENDS)
+
+
+def available_backends(device: str | None = None) -> list[str]:
+    """Names usable on this machine (optionally: on this device type), plus ``auto``."""
+    names = [
+        b.name
+        for b in _BACKENDS.values()
+        if (device is None or device in b.devices) and b.is_available()
+    ]
+    return ["auto", *names]
+
+
+def check_backend_name(name: str) -> str:
+    if name != "auto" and name not in _BACKENDS:
+        known = ", ".join(["auto", *_BACKENDS])
+        raise SasaError(f"unknown attention backend {name!r} (known: {known})")
+    return name
+
+
+def resolve_backend(name: str, device_type: str) -> Backend:
+    """The backend that runs ``name`` on ``device_type``; ``auto`` = fastest available exact one."""
+    check_backend_name(name)
+    if name == "auto":
+        for cand in AUTO_ORDER.get(device_type, []):
+            b = _BACKENDS[cand]
+            if device_type in b.devices and b.is_available():
+                return b
+        return _BACKENDS["reference"]
+    b = _BACKENDS[name]
+    if device_type not in b.devices or not b.is_available():
+        raise SasaError(f"attention backend {name!r} cannot run on {device_type} on this machine")
+    return b

@@ -1,0 +1,108 @@
+"""LocalSelfAttention2d: the paper's stand-alone self-attention layer.
+
+    y_ij = sum_{(a,b) in N_k(i,j)} softmax_ab( q_ij . k_ab + q_ij . r_{a-i,b-j} ) v_ab
+
+q, k, v are dense bias-free 1x1 projections d_in -> d_out split into ``heads`` heads; the
+logits are per-head dot products; the softmax runs over the k x k window. The math of the window
+lives in :mod:`sasa_bench.kernels` (one reference, several fast backends); this module owns the
+parameters and the options.
+
+Choices where the paper is silent (each an option where it plausibly matters):
+- ``scale``: the paper's equation has no 1/sqrt(d); default 1.0, ``scale="rsqrt"`` uses 1/sqrt(d).
+- ``border``: ``"mask"`` (default) keeps positions outside the image out of the softmax;
+  ``"zeros"`` zero-pads keys/values, which then take softmax mass through q.r (public ports).
+- relative embeddings shared across heads, N(0, 1/d) init; projections use PyTorch's default
+  conv init (kaiming-uniform, a=sqrt(5)).
+- ``pos="absolute"``: sinusoids of the key pixel's (a, b) added to the keys (q.(k + p)).
+- ``logits="qr"`` (Table 6) drops W_K: with relative positions the logit is q.r alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sasa_bench.errors import SasaError
+from sasa_bench.kernels import check_backend_name, local_attention
+from sasa_bench.layers.positional import RelativeEmbedding2d, absolute_sinusoid_2d
+
+POS_CHOICES = ("relative", "absolute", "none")
+LOGITS_CHOICES = ("qk+qr", "qr")
+BORDER_CHOICES = ("mask", "zeros")
+SCALE_CHOICES = ("none", "rsqrt")
+
+
+def check_attention_args(
+    out_channels: int, kernel_size: int, heads: int, pos: str, logits: str, border: str, scale: str
+) -> None:
+    """Raise SasaError for options the layer cannot take (shared with the model spec)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise SasaError(f"kernel size k must be an odd integer >= 1, got {kernel_size}")
+    if heads < 1:
+        raise SasaError(f"heads must be >= 1, got {heads}")
+    if out_channels % heads:
+        raise SasaError(f"heads={heads} does not divide the attention width {out_channels}")
+    for name, val, choices in (
+        ("pos", pos, POS_CHOICES),
+        ("logits", logits, LOGITS_CHOICES),
+        ("border", border, BORDER_CHOICES),
+        ("scale", scale, SCALE_CHOICES),
+    ):
+        if val not in choices:
+            raise SasaError(f"unknown {name} {val!r} (choose from {', '.join(choices)})")
+
+
+class LocalSelfAttention2d(nn.Module):
+    """[B, C_in, H, W] -> [B, C_out, H, W] self-attention over each pixel's k x k window."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 7,
+        heads: int = 8,
+        pos: str = "relative",
+        logits: str = "qk+qr",
+        border: str = "mask",
+        scale: str = "none",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_attention_args(out_channels, kernel_size, heads, pos, logits, border, scale)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.heads = kernel_size, heads
+        self.head_dim = out_channels // heads
+        self.pos, self.logits, self.border, self.scale = pos, logits, border, scale
+        self.backend = check_backend_name(backend)
+        self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False) if logits == "qk+qr" else None
+        self.value = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.rel = RelativeEmbedding2d(kernel_size, self.head_dim) if pos == "relative" else None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"heads={self.heads}, pos={self.pos}, logits={self.logits}, border={self.border}, "
+            f"scale={self.scale}, backend={self.backend}"
+        )
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = t.shape
+        return t.view(b, self.heads, -1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q = self._heads(self.query(x))
+        if self.scale == "rsqrt":
+            q = q * self.head_dim**-0.5
+        k = self._heads(self.key(x)) if self.key is not None else None
+        if self.pos == "absolute":
+            p = absolute_sinusoid_2d(h, w, self.head_dim, x.device).to(q.dtype)
+            p = p.expand(b, self.heads, -1, h, w)
+            k = p if k is None else k + p
+        v = self._heads(self.value(x))
+        rel_row, rel_col = self.rel() if self.rel is not None else (None, None)
+        out = local_attention(
+            q, k, v, rel_row, rel_col, self.kernel_size, self.border == "mask", self.backend
+        )
+        return out.reshape(b, self.out_channels, h, w)

@@ -1,0 +1,145 @@
+"""Stems: the standard ResNet conv stem and the paper's attention stem (plus Table 7's variants).
+
+The attention stem (paper, Sec. 3.2 / Table 7): self-attention inside each non-overlapping 4x4
+block of the image (the receptive field of the 4x4 max-pool that follows), BatchNorm, 4x4
+max-pool: 224 -> 56, like the conv stem. Values are *spatially aware*:
+
+    v_ab = (sum_m p(a, b, m) W_V^m) x_ab,   p(a, b, m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m)
+
+with (a, b) the position inside the 4x4 block and p shared across the stem's heads.
+
+Choices where the paper is silent: m = 4 mixtures (``mixtures``), width 64, 4 heads, logits
+q.k + q.r with relative offset embeddings inside the block (offsets -3..3 per axis), no 1/sqrt(d),
+embedding width = stem width, no ReLU between the BatchNorm and the max-pool (the paper names
+only BN and the pool). Table 7's alternatives: ``values="plain"`` (v = W_V x) and
+``values="conv"`` (v = a 3x3 "same" convolution of the input, our reading of "spatial
+convolution for the values").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sasa_bench.errors import SasaError
+from sasa_bench.layers.positional import split_head_dim
+
+STEM_CHOICES = ("conv", "attention", "attention-plain", "attention-conv-values")
+BLOCK = 4
+
+
+class ConvStem(nn.Module):
+    """torchvision's ResNet stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+def _to_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, heads, H/4, W/4, 16, C/heads]: one row per pixel of each 4x4 block."""
+    b, c, h, w = t.shape
+    t = t.view(b, heads, c // heads, h // BLOCK, BLOCK, w // BLOCK, BLOCK)
+    return t.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, heads, h // BLOCK, w // BLOCK, BLOCK * BLOCK, -1)
+
+
+def _from_blocks(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks`."""
+    b, n, hb, wb, _, d = t.shape
+    t = t.view(b, n, hb, wb, BLOCK, BLOCK, d).permute(0, 1, 6, 2, 4, 3, 5)
+    return t.reshape(b, n * d, h, w)
+
+
+class AttentionStem(nn.Module):
+    """Self-attention inside 4x4 blocks with spatially aware values, BN, 4x4 max-pool."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 64,
+        heads: int = 4,
+        mixtures: int = 4,
+        values: str = "mixture",
+    ) -> None:
+        super().__init__()
+        if out_channels % heads:
+            raise SasaError(f"stem heads={heads} does not divide the stem width {out_channels}")
+        if mixtures < 1:
+            raise SasaError(f"stem mixtures must be >= 1, got {mixtures}")
+        if values not in ("mixture", "plain", "conv"):
+            raise SasaError(f"unknown stem values {values!r} (choose from mixture, plain, conv)")
+        self.heads, self.values, self.mixtures = heads, values, mixtures
+        self.head_dim = out_channels // heads
+        self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        if values == "mixture":
+            self.value = nn.Conv2d(in_channels, out_channels * mixtures, 1, bias=False)
+            self.emb_row = nn.Parameter(torch.randn(BLOCK, out_channels) * out_channels**-0.5)
+            self.emb_col = nn.Parameter(torch.randn(BLOCK, out_channels) * out_channels**-0.5)
+            self.mix = nn.Parameter(torch.randn(mixtures, out_channels) * out_channels**-0.5)
+        elif values == "plain":
+            self.value = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        else:
+            self.value = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        dr, dc = split_head_dim(self.head_dim)
+        std = self.head_dim**-0.5
+        self.rel_row = nn.Parameter(torch.randn(2 * BLOCK - 1, dr) * std)
+        self.rel_col = nn.Parameter(torch.randn(2 * BLOCK - 1, dc) * std)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.pool = nn.MaxPool2d(BLOCK, BLOCK)
+
+    def mixture_weights(self) -> torch.Tensor:
+        """p(a, b, m) as [m, 4, 4]: softmax over mixtures of (emb_row(a) + emb_col(b)) . nu_m."""
+        emb = self.emb_row[:, None, :] + self.emb_col[None, :, :]  # [4, 4, E]
+        return torch.softmax(torch.einsum("abe,me->mab", emb, self.mix), dim=0)
+
+    def _values(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.value(x)
+        if self.values != "mixture":
+            return v
+        b, _, h, w = x.shape
+        v = v.view(b, self.mixtures, -1, h, w)
+        p = self.mixture_weights().repeat(1, h // BLOCK, w // BLOCK)  # [m, H, W]
+        return (v * p[None, :, None]).sum(1)
+
+    def _relative_table(self) -> torch.Tensor:
+        """R[query, key, :] = concat(rel_row[a_k - a_q], rel_col[b_k - b_q]) for the 16x16 pairs."""
+        idx = torch.arange(BLOCK, device=self.rel_row.device)
+        off = idx[None, :] - idx[:, None] + BLOCK - 1  # [4 (query), 4 (key)]
+        row = self.rel_row[off][:, None, :, None, :].expand(-1, BLOCK, -1, BLOCK, -1)
+        col = self.rel_col[off][None, :, None, :, :].expand(BLOCK, -1, BLOCK, -1, -1)
+        n = BLOCK * BLOCK
+        return torch.cat([row, col], dim=-1).reshape(n, n, self.head_dim)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's attention before BN and pooling: [B, C_in, H, W] -> [B, C_out, H, W]."""
+        b, _, h, w = x.shape
+        if h % BLOCK or w % BLOCK:
+            raise SasaError(f"the attention stem needs an image size divisible by {BLOCK}, got {h}x{w}")
+        q = _to_blocks(self.query(x), self.heads)
+        k = _to_blocks(self.key(x), self.heads)
+        v = _to_blocks(self._values(x), self.heads)
+        logits = torch.matmul(q, k.transpose(-1, -2))
+        rel = self._relative_table()  # [16, 16, D]
+        logits = logits + torch.matmul(q.unsqueeze(-2), rel.transpose(-1, -2)).squeeze(-2)
+        out = torch.matmul(torch.softmax(logits, dim=-1), v)
+        return _from_blocks(out, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.bn(self.attend(x)))
+
+
+def make_stem(kind: str, in_channels: int, out_channels: int, heads: int = 4, mixtures: int = 4) -> nn.Module:
+    """Build a stem by its CLI name (see ``STEM_CHOICES``)."""
+    if kind == "conv":
+        return ConvStem(in_channels, out_channels)
+    values = {"attention": "mixture", "attention-plain": "plain", "attention-conv-values": "conv"}
+    if kind not in values:
+        raise SasaError(f"unknown stem {kind!r} (choose from {', '.join(STEM_CHOICES)})")
+    return AttentionStem(in_channels, out_channels, heads, mixtures, values[kind])

@@ -1,0 +1,1 @@
+"""Measurements of a built model: FLOPs/params, latency, memory."""

@@ -1,0 +1,1 @@
+"""Reports: the paper's numbers as data, tables and figures beside ours."""
