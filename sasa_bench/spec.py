@@ -7,7 +7,7 @@ a validated spec, so every bad value is rejected here with one clear :class:`Sas
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sasa_bench.errors import SasaError
@@ -46,7 +46,6 @@ class ModelSpec:
     stem_heads: int = 4
     stem_mixtures: int = 4
     backend: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -70,7 +69,6 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("extra")
         d["attention_groups"] = list(self.attention_groups)
         return d
 
@@ -148,7 +146,7 @@ TABLE1_MODELS = [
     for prefix, suffix in (("resnet", ""), ("sasa_resnet", "_convstem"), ("sasa_resnet", ""))
 ]
 
-SPEC_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)} - {"extra"}
+SPEC_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 
 
 def get_preset(name: str) -> ModelSpec:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sasa_bench.errors import SasaError
 from sasa_bench.spec import ModelSpec, make_spec
 
 _PANEL = "Model"
@@ -84,8 +85,6 @@ class ModelOptions:
     def spec(self) -> ModelSpec:
         specs = self.specs()
         if len(specs) != 1:
-            from sasa_bench.errors import SasaError
-
             raise SasaError("this command takes one --model")
         return specs[0]
 
