@@ -9,7 +9,11 @@ import warnings
 
 import typer
 
+from sasa_bench.cli import ablate as ablate_cmd
 from sasa_bench.cli import flops as flops_cmd
+from sasa_bench.cli import latency as latency_cmd
+from sasa_bench.cli import report as report_cmd
+from sasa_bench.cli import train as train_cmd
 from sasa_bench.errors import SasaError
 
 app = typer.Typer(
@@ -22,6 +26,10 @@ app = typer.Typer(
 
 app.command("flops")(flops_cmd.flops)
 app.command("models")(flops_cmd.models)
+app.command("train")(train_cmd.train)
+app.command("latency")(latency_cmd.latency)
+app.command("ablate")(ablate_cmd.ablate)
+app.command("report")(report_cmd.report)
 
 
 @app.command("backends")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sasa_bench.errors import SasaError
@@ -27,13 +28,14 @@ def check_format(fmt: str) -> str:
 
 
 def _cell(v: Any, digits: int = 3) -> str:
+    """Table text for a value; escaped, since names like ``resnet26[k=9]`` look like rich markup."""
     if v is None:
         return "—"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     if isinstance(v, (list, tuple)):
         return ",".join(map(str, v)) or "none"
-    return str(v)
+    return escape(str(v))
 
 
 def emit(

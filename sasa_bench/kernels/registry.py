@@ -23,6 +23,8 @@ class Backend:
     devices: tuple[str, ...]  # torch device types it runs on: "cpu", "cuda"
     is_available: Callable[[], bool]
     description: str
+    # Optional: build/compile now (outside any timing); returns the seconds it took, or None.
+    warm_up: Callable[[], float | None] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}

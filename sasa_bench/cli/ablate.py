@@ -1,0 +1,133 @@
+"""`sasa-bench ablate NAME`: run one of the paper's ablations (a study file in ablations/)."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sasa_bench.cli.output import err_console
+from sasa_bench.errors import SasaError
+
+_RUN = "Run"
+_SPEED = "Speed"
+
+
+def ablate(
+    name: Annotated[str | None, typer.Argument(help="Study name (see --list) or a path to a study .toml file.", show_default=False)] = None,
+    train: Annotated[str, typer.Option(help="none (params/FLOPs/latency only) | short (Fashion-MNIST, minutes per variant on CPU) | paper (the paper's ImageNet recipe).", rich_help_panel=_RUN)] = "short",
+    data: Annotated[str | None, typer.Option(help="Dataset: fashion-mnist | imagenet | synthetic. (default: the recipe's)", rich_help_panel=_RUN)] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (ImageNet root; Fashion-MNIST IDX files).", rich_help_panel=_RUN)] = None,
+    device: Annotated[str, typer.Option(help="Latency device: auto | cpu | cuda | cuda:N (training uses CUDA when available, as `sasa-bench train`).", rich_help_panel=_RUN)] = "auto",
+    seeds: Annotated[int, typer.Option(help="Training seeds per variant (0..N-1); without training there is one unit per variant.", rich_help_panel=_RUN)] = 1,
+    list_: Annotated[bool, typer.Option("--list", help="List the studies, one line each, and exit.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the variants and the equivalent single commands; run nothing.")] = False,
+    results: Annotated[Path, typer.Option(help="Results folder; each unit writes <results>/<study>/<variant>__<train>__seed<k>.json.", rich_help_panel=_RUN)] = Path("results"),
+    runs: Annotated[Path, typer.Option(help="Folder for training runs (checkpoints, logs).", rich_help_panel=_RUN)] = Path("runs"),
+    shard: Annotated[str | None, typer.Option(help="I/N: run only the I-th of N interleaved slices of variants x seeds (for N machines).", rich_help_panel=_RUN)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo units whose result file exists (default: skip them, i.e. resume).", rich_help_panel=_RUN)] = False,
+    image_size: Annotated[int | None, typer.Option(help="Input size for every variant (multiple of 32): FLOPs, latency and training. (default: 224; training: the recipe's)", rich_help_panel=_SPEED)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size for latency and training. (default: latency 2, training the recipe's)", rich_help_panel=_SPEED)] = None,
+    backend: Annotated[str | None, typer.Option(help="Attention backend (see `sasa-bench backends`). (default: auto)", rich_help_panel=_SPEED)] = None,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time each variant interleaved against the study's baseline.", rich_help_panel=_SPEED)] = True,
+    latency_iters: Annotated[int, typer.Option(help="Timed batches per model (after 2 warm-up batches).", rich_help_panel=_SPEED)] = 5,
+) -> None:
+    """Run a study: params, GFLOPS, latency vs the study's baseline and (with --train) accuracy for
+    every variant, one result file per variant and seed. Re-running resumes."""
+    from sasa_bench.studies import find_studies, load_study
+    from sasa_bench.studies.expand import parse_shard, spec_flags
+    from sasa_bench.studies.runner import RunOptions, plan, result_path, run_study
+
+    if list_:
+        for study_name, path in find_studies().items():
+            try:
+                line = load_study(path).summary
+            except SasaError as e:
+                line = f"(invalid: {e})"
+            print(f"{study_name:22s} {line}")
+        return
+    if name is None:
+        known = ", ".join(find_studies()) or "none"
+        raise SasaError(f"name a study (known: {known}); `sasa-bench ablate --list` describes them")
+
+    study = load_study(name)
+    opts = RunOptions(
+        train=train,
+        seeds=seeds,
+        results_dir=results,
+        runs_dir=runs,
+        device=device,
+        image_size=image_size,
+        batch_size=batch_size,
+        backend=backend,
+        data=data,
+        data_dir=str(data_dir) if data_dir else None,
+        latency=latency,
+        latency_iters=latency_iters,
+        shard=parse_shard(shard),
+        force=force,
+        command=_command(
+            name, train=train, seeds=seeds, data=data, data_dir=data_dir, device=device, results=results,
+            image_size=image_size, batch_size=batch_size, backend=backend, latency_iters=latency_iters,
+        ) + ("" if latency else " --no-latency"),
+    )
+    variants, todo = plan(study, opts)
+
+    if dry_run:
+        print(f"# {study.name}: {study.title} ({study.paper_ref}); {len(variants)} variants, {len(todo)} units in this shard")
+        for u in todo:
+            v = u.variant
+            done = result_path(results, study, u).exists()
+            paper = ", ".join(f"{k}={x:g}" for k, x in v.paper.items()) or "—"
+            print(f"\n## {u.key}  [{v.label}]  {v.spec.name}  paper: {paper}{'  (done)' if done else ''}")
+            flags = spec_flags(v.model, v.overrides)
+            print(f"sasa-bench flops {flags}")
+            if latency and u.seed == 0 and v.vs is not None:
+                bs = batch_size or opts.latency_batch
+                print(f"sasa-bench latency {flags} --vs {v.vs.name} --batch-size {bs} --iters {latency_iters} --device {device}")
+            if train != "none":
+                extra = "".join(f" --{k.replace('_', '-')} {x}" for k, x in (("data", data), ("data_dir", data_dir), ("batch_size", batch_size)) if x)
+                print(f"sasa-bench train {flags} --recipe {train} --seed {u.seed}{extra}")
+        return
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err_console.print(
+        f"[bold]{escape(study.name)}[/]: {escape(study.title)} — {len(todo)} unit(s) "
+        f"(train={train}, shard {opts.shard[0]}/{opts.shard[1]}) -> {results / study.name}"
+    )
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(study.name, total=len(todo))
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, description=escape(f"{study.name}: {message}"))
+
+        def log(message: str) -> None:
+            bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}", highlight=False)
+
+        report = run_study(study, opts, progress=progress, log=log)
+    err_console.print(
+        f"{len(report.written)} written, {len(report.skipped)} already done (skipped); "
+        f"`sasa-bench report --results {results}` builds the tables"
+    )
+
+
+def _command(name: str, **options: object) -> str:
+    """The ablate command line that reproduces a unit (the shard is left out: it does not matter)."""
+    defaults = {"train": "short", "seeds": 1, "device": "auto", "results": Path("results"), "latency_iters": 5}
+    parts = ["sasa-bench", "ablate", shlex.quote(name)]
+    for k, v in options.items():
+        if v is not None and v != defaults.get(k):
+            parts += [f"--{k.replace('_', '-')}", shlex.quote(str(v))]
+    return " ".join(parts)

@@ -1,0 +1,153 @@
+"""``cpu_fused``: a C++ (OpenMP, vectorised) local-attention operator for the CPU.
+
+The operator is compiled on first use with :func:`torch.utils.cpp_extension.load_inline` and
+cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), so later processes only load it. The cache key includes the
+source, the flags and this CPU's instruction-set flags (the build uses ``-march=native``).
+Where no compiler is found or the build fails, the backend reports itself unavailable with a
+one-line warning and ``auto`` falls back to the next backend.
+
+Forward saves the (padded) q, k, v and one log-sum-exp per pixel; backward recomputes the
+softmax from them. No K*K-fold copy of keys or values, and no K*K-sized tensor, is ever stored.
+See :mod:`sasa_bench.kernels._cpu_source` for the loop structure. Inputs in bf16/fp16 are
+computed in fp32 (outputs and gradients are cast back); float64 runs in float64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import warnings
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from sasa_bench.kernels._cpu_source import CPP_DECLS, CPP_SOURCE
+
+_EXT: ModuleType | None = None
+_FAILED: str | None = None
+BUILD_SECONDS: float | None = None  # wall time of the last load (build or cache hit)
+
+
+def _cpu_tag() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1((flags + torch.__version__).encode()).hexdigest()[:10]
+
+
+def _load() -> ModuleType | None:
+    global _EXT, _FAILED, BUILD_SECONDS
+    if _EXT is not None or _FAILED is not None:
+        return _EXT
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        _FAILED = f"no C++ compiler ({cxx}) found"
+        warnings.warn(f"sasa_bench: backend 'cpu_fused' unavailable: {_FAILED}", stacklevel=3)
+        return None
+    t0 = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        src_hash = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()[:8]
+        _EXT = load_inline(
+            name=f"sasa_cpu_fused_{src_hash}_{_cpu_tag()}",
+            cpp_sources=[CPP_DECLS, CPP_SOURCE],
+            functions=["sasa_forward", "sasa_backward"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - any build failure means "unavailable"
+        _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"sasa_bench: backend 'cpu_fused' unavailable: {_FAILED}", stacklevel=3)
+        return None
+    BUILD_SECONDS = time.perf_counter() - t0
+    return _EXT
+
+
+def is_available() -> bool:
+    """Cheap probe (no build): a C++ compiler is on PATH and no build has failed."""
+    if _EXT is not None:
+        return True
+    return _FAILED is None and shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def warm_up() -> float | None:
+    """Build or load the operator now; returns the seconds it took (None if unavailable)."""
+    _load()
+    return BUILD_SECONDS if _EXT is not None else None
+
+
+class _LocalAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN205
+        ext = _load()
+        has_k, has_rel = k is not None, rel_row is not None and rel_col is not None
+        dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+        empty = q.new_empty(0, dtype=dtype)
+        qc = q.to(dtype).contiguous()
+        kc = k.to(dtype).contiguous() if has_k else empty
+        vc = v.to(dtype).contiguous()
+        rr = rel_row.to(dtype).contiguous() if has_rel else empty
+        rc = rel_col.to(dtype).contiguous() if has_rel else empty
+        out, lse, qp, kp, vp = ext.sasa_forward(
+            qc, kc, vc, rr, rc, kernel_size, has_k, has_rel, mask_border
+        )
+        ctx.save_for_backward(qp, kp, vp, rr, rc, lse)
+        ctx.meta = (kernel_size, has_k, has_rel, mask_border, q.shape[-1])
+        ctx.dtypes = (
+            q.dtype,
+            k.dtype if has_k else None,
+            v.dtype,
+            rel_row.dtype if has_rel else None,
+            rel_col.dtype if has_rel else None,
+        )
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        qp, kp, vp, rr, rc, lse = ctx.saved_tensors
+        kernel_size, has_k, has_rel, mask_border, _ = ctx.meta
+        q_dt, k_dt, v_dt, rr_dt, rc_dt = ctx.dtypes
+        g = grad.to(qp.dtype).contiguous()
+        dq, dk, dv, drel = _load().sasa_backward(
+            g, qp, kp, vp, rr, rc, lse, kernel_size, has_k, has_rel, mask_border
+        )
+        d_rr = d_rc = None
+        if has_rel:  # drel [K, D]: the row embedding's gradient, then the column one's
+            dr = rr.shape[1]
+            d_rr, d_rc = drel[:, :dr].to(rr_dt), drel[:, dr:].to(rc_dt)
+        return (
+            dq.to(q_dt),
+            dk.to(k_dt) if has_k else None,
+            dv.to(v_dt),
+            d_rr,
+            d_rc,
+            None,
+            None,
+        )
+
+
+def local_attention_cpu_fused(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    rel_row: torch.Tensor | None,
+    rel_col: torch.Tensor | None,
+    kernel_size: int,
+    mask_border: bool = True,
+) -> torch.Tensor:
+    """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`."""
+    if rel_row is None or rel_col is None:
+        rel_row = rel_col = None
+    if _load() is None:  # build failed: warned once in _load; stay exact with the portable path
+        from sasa_bench.kernels.shift import local_attention_shift
+
+        return local_attention_shift(q, k, v, rel_row, rel_col, kernel_size, mask_border)
+    return _LocalAttentionCPU.apply(q, k, v, rel_row, rel_col, kernel_size, mask_border)

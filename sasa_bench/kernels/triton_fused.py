@@ -1,0 +1,250 @@
+"""``triton``: a fused local-attention kernel for the GPU, written in Triton.
+
+One program handles a block of ``BLOCK_M`` pixels of one (image, head); it loads their queries
+once and walks the K*K window offsets with an online (flash-attention style) softmax, so neither
+the logits nor any window copy ever reach memory: forward memory is the output plus a
+log-sum-exp per pixel. Backward recomputes the logits from q, k and the saved log-sum-exp,
+accumulates dq in registers and adds dk/dv into their (shifted) pixels with atomics; the
+embeddings' gradients come from per-pixel row/column sums of dS, reduced by one einsum.
+
+Computation is in fp32 whatever the input dtype (bf16/fp16 inputs are loaded and upcast).
+
+Testing without a GPU: with ``TRITON_INTERPRET=1`` set before this module is imported, Triton
+runs the same kernels on CPU tensors (slowly); ``tests/test_kernels.py`` does that on small
+shapes. Where Triton or CUDA is missing the backend is unavailable and ``auto`` picks ``shift``;
+if the kernel fails to compile at run time, one warning is printed and ``shift`` runs instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    _HAVE_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FAILED: str | None = None
+NEG = -1.0e30  # "masked" logit: exp(NEG - m) == 0 for any real m, and no inf - inf NaNs
+
+
+def is_available() -> bool:
+    return _HAVE_TRITON and _FAILED is None and (torch.cuda.is_available() or INTERPRET)
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _logit(q, kt, rr_t, rc_u, ok, HAS_K: tl.constexpr, HAS_REL: tl.constexpr, MASK: tl.constexpr):
+        s = tl.zeros([q.shape[0]], dtype=tl.float32)
+        if HAS_K:
+            s += tl.sum(q * kt, 1)
+        if HAS_REL:
+            s += tl.sum(q * (rr_t[None, :] + rc_u[None, :]), 1)
+        if MASK:
+            s = tl.where(ok, s, NEG)
+        return s
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, Kt, V, RR, RC, O, LSE,
+        H, W, D, DV, DR,
+        K: tl.constexpr, HAS_K: tl.constexpr, HAS_REL: tl.constexpr, MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        bn = tl.program_id(1).to(tl.int64)
+        R: tl.constexpr = K // 2
+        HW = H * W
+        p = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        pin = p < HW
+        i = p // W
+        j = p % W
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        e = tl.arange(0, BLOCK_DV)
+        em = e < DV
+        q = tl.load(Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0)
+        q = q.to(tl.float32)
+        m = tl.full([BLOCK_M], NEG, tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        rr_t = tl.zeros([BLOCK_D], tl.float32)
+        rc_u = tl.zeros([BLOCK_D], tl.float32)
+        kt = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for t in range(K):
+            ii = i + t - R
+            row_ok = (ii >= 0) & (ii < H) & pin
+            if HAS_REL:
+                rr_t = tl.load(RR + t * DR + d, mask=d < DR, other=0.0).to(tl.float32)
+            for u in range(K):
+                jj = j + u - R
+                ok = row_ok & (jj >= 0) & (jj < W)
+                src = ii * W + jj
+                if HAS_K:
+                    kt = tl.load(Kt + bn * D * HW + d[None, :] * HW + src[:, None], mask=ok[:, None] & dm[None, :], other=0.0)
+                    kt = kt.to(tl.float32)
+                if HAS_REL:
+                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(tl.float32)
+                s = _logit(q, kt, rr_t, rc_u, ok, HAS_K, HAS_REL, MASK)
+                m_new = tl.maximum(m, s)
+                alpha = tl.exp(m - m_new)
+                pe = tl.exp(s - m_new)
+                vt = tl.load(V + bn * DV * HW + e[None, :] * HW + src[:, None], mask=ok[:, None] & em[None, :], other=0.0)
+                acc = acc * alpha[:, None] + pe[:, None] * vt.to(tl.float32)
+                l = l * alpha + pe
+                m = m_new
+        out = acc / l[:, None]
+        tl.store(O + bn * DV * HW + e[None, :] * HW + p[:, None], out.to(O.dtype.element_ty), mask=pin[:, None] & em[None, :])
+        tl.store(LSE + bn * HW + p, m + tl.log(l), mask=pin)
+
+    @triton.jit
+    def _bwd_kernel(
+        Q, Kt, V, RR, RC, G, LSE, DELTA, DQ, DK, DVv, RS, CS,
+        H, W, D, DV, DR,
+        K: tl.constexpr, HAS_K: tl.constexpr, HAS_REL: tl.constexpr, MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        bn = tl.program_id(1).to(tl.int64)
+        R: tl.constexpr = K // 2
+        HW = H * W
+        p = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        pin = p < HW
+        i = p // W
+        j = p % W
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        e = tl.arange(0, BLOCK_DV)
+        em = e < DV
+        q = tl.load(Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0)
+        q = q.to(tl.float32)
+        g = tl.load(G + bn * DV * HW + e[None, :] * HW + p[:, None], mask=pin[:, None] & em[None, :], other=0.0)
+        g = g.to(tl.float32)
+        lse = tl.load(LSE + bn * HW + p, mask=pin, other=0.0)
+        delta = tl.load(DELTA + bn * HW + p, mask=pin, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        rr_t = tl.zeros([BLOCK_D], tl.float32)
+        rc_u = tl.zeros([BLOCK_D], tl.float32)
+        kt = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for t in range(K):
+            ii = i + t - R
+            row_ok = (ii >= 0) & (ii < H) & pin
+            if HAS_REL:
+                rr_t = tl.load(RR + t * DR + d, mask=d < DR, other=0.0).to(tl.float32)
+            rs = tl.zeros([BLOCK_M], tl.float32)
+            for u in range(K):
+                jj = j + u - R
+                ok = row_ok & (jj >= 0) & (jj < W)
+                src = ii * W + jj
+                if HAS_K:
+                    kt = tl.load(Kt + bn * D * HW + d[None, :] * HW + src[:, None], mask=ok[:, None] & dm[None, :], other=0.0)
+                    kt = kt.to(tl.float32)
+                if HAS_REL:
+                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(tl.float32)
+                s = _logit(q, kt, rr_t, rc_u, ok, HAS_K, HAS_REL, MASK)
+                pr = tl.where(pin, tl.exp(s - lse), 0.0)
+                vt = tl.load(V + bn * DV * HW + e[None, :] * HW + src[:, None], mask=ok[:, None] & em[None, :], other=0.0)
+                dp = tl.sum(g * vt.to(tl.float32), 1)
+                ds = pr * (dp - delta)
+                dq += ds[:, None] * (kt + rr_t[None, :] + rc_u[None, :])
+                if HAS_REL:
+                    rs += ds
+                    cptr = CS + (bn * K + u) * HW + p
+                    tl.store(cptr, tl.load(cptr, mask=pin, other=0.0) + ds, mask=pin)
+                tl.atomic_add(DVv + bn * DV * HW + e[None, :] * HW + src[:, None], pr[:, None] * g, mask=ok[:, None] & em[None, :])
+                if HAS_K:
+                    tl.atomic_add(DK + bn * D * HW + d[None, :] * HW + src[:, None], ds[:, None] * q, mask=ok[:, None] & dm[None, :])
+            if HAS_REL:
+                tl.store(RS + (bn * K + t) * HW + p, rs, mask=pin)
+        tl.store(DQ + bn * D * HW + d[None, :] * HW + p[:, None], dq, mask=pin[:, None] & dm[None, :])
+
+
+def _blocks(d: int, dv: int) -> tuple[int, int, int]:
+    bd, bdv = triton.next_power_of_2(max(d, 1)), triton.next_power_of_2(max(dv, 1))
+    bm = 64 if max(bd, bdv) <= 32 else 32
+    return bm, bd, bdv
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN205
+        b, n, d, h, w = q.shape
+        dv = v.shape[2]
+        has_k, has_rel = k is not None, rel_row is not None
+        q, v = q.contiguous(), v.contiguous()
+        kc = k.contiguous() if has_k else q
+        rr = rel_row.float().contiguous() if has_rel else q.new_zeros(1, dtype=torch.float32)
+        rc = rel_col.float().contiguous() if has_rel else q.new_zeros(1, dtype=torch.float32)
+        dr = rel_row.shape[1] if has_rel else 0
+        out = torch.empty(b, n, dv, h, w, device=q.device, dtype=v.dtype)
+        lse = torch.empty(b, n, h, w, device=q.device, dtype=torch.float32)
+        bm, bd, bdv = _blocks(d, dv)
+        grid = (triton.cdiv(h * w, bm), b * n)
+        _fwd_kernel[grid](q, kc, v, rr, rc, out, lse, h, w, d, dv, dr, K=kernel_size, HAS_K=has_k,
+                          HAS_REL=has_rel, MASK=mask_border, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
+        ctx.save_for_backward(q, kc, v, rr, rc, out, lse)
+        ctx.meta = (kernel_size, has_k, has_rel, mask_border, dr)
+        ctx.dtypes = (k.dtype if has_k else None, rel_row.dtype if has_rel else None, rel_col.dtype if has_rel else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        q, kc, v, rr, rc, out, lse = ctx.saved_tensors
+        kernel_size, has_k, has_rel, mask_border, dr = ctx.meta
+        k_dt, rr_dt, rc_dt = ctx.dtypes
+        b, n, d, h, w = q.shape
+        dv = v.shape[2]
+        g = g.contiguous()
+        delta = (g.float() * out.float()).sum(2).contiguous()  # [B, N, H, W]
+        dq = torch.empty(b, n, d, h, w, device=q.device, dtype=torch.float32)
+        dk = torch.zeros(b, n, d, h, w, device=q.device, dtype=torch.float32) if has_k else dq
+        dvv = torch.zeros(b, n, dv, h, w, device=q.device, dtype=torch.float32)
+        kk = kernel_size if has_rel else 1
+        rs = torch.zeros(b, n, kk, h, w, device=q.device, dtype=torch.float32)
+        cs = torch.zeros(b, n, kk, h, w, device=q.device, dtype=torch.float32)
+        bm, bd, bdv = _blocks(d, dv)
+        grid = (triton.cdiv(h * w, bm), b * n)
+        _bwd_kernel[grid](q, kc, v, rr, rc, g, lse, delta, dq, dk, dvv, rs, cs, h, w, d, dv, dr,
+                          K=kernel_size, HAS_K=has_k, HAS_REL=has_rel, MASK=mask_border,
+                          BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
+        d_rr = d_rc = None
+        if has_rel:
+            qf = q.float()
+            d_rr = torch.einsum("bnthw,bndhw->td", rs, qf[:, :, :dr]).to(rr_dt)
+            d_rc = torch.einsum("bnuhw,bndhw->ud", cs, qf[:, :, dr:]).to(rc_dt)
+        return (dq.to(q.dtype), dk.to(k_dt) if has_k else None, dvv.to(v.dtype), d_rr, d_rc, None, None)
+
+
+def local_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    rel_row: torch.Tensor | None,
+    rel_col: torch.Tensor | None,
+    kernel_size: int,
+    mask_border: bool = True,
+) -> torch.Tensor:
+    """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`."""
+    global _FAILED
+    if rel_row is None or rel_col is None:
+        rel_row = rel_col = None
+    if _FAILED is None and _HAVE_TRITON:
+        try:
+            return _TritonAttention.apply(q, k, v, rel_row, rel_col, kernel_size, mask_border)
+        except Exception as e:  # noqa: BLE001 - a compile failure must not kill a benchmark
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            msg = str(e).strip().splitlines()
+            _FAILED = f"{type(e).__name__}: {msg[-1] if msg else ''}"
+            warnings.warn(f"sasa_bench: backend 'triton' failed ({_FAILED}); using 'shift'", stacklevel=2)
+    from sasa_bench.kernels.shift import local_attention_shift
+
+    return local_attention_shift(q, k, v, rel_row, rel_col, kernel_size, mask_border)

@@ -1,0 +1,261 @@
+"""Figures (PNG, matplotlib Agg) from the study tables; each returns the files it wrote.
+
+* ``pareto``  — the paper's Figure 5 view: accuracy against GFLOPS and against params, conv vs
+  attention; one row per accuracy source (ours per recipe/dataset, the paper's ImageNet), and
+  params against GFLOPS (ours) so a study without accuracies still shows its trade-off.
+* ``sweep``   — GFLOPS/params, latency and accuracy against the varied field (e.g. k).
+* ``bars``    — per variant: GFLOPS, params, latency ratio and accuracy (stage layouts, stems...).
+* ``latency`` — measured latency of each model beside its conv baseline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sasa_bench.report.tables import StudyTable  # noqa: E402
+
+COLORS = {"conv": "tab:blue", "attention": "tab:orange", None: "tab:gray"}
+# Lines in the Figure 5 view join models of one kind: conv, attention with a conv stem, full attention.
+SERIES = {"conv": ("convolution", "tab:blue", "o"), "convstem": ("self-attention, conv stem", "tab:orange", "s"),
+          "full": ("full attention (attention stem)", "tab:red", "^")}
+
+
+def series(row: dict[str, Any]) -> str:
+    spec = row.get("spec") or {}
+    if row.get("family") == "conv":
+        return "conv"
+    return "convstem" if spec.get("stem", "conv") == "conv" else "full"
+PAPER_COLOR = "tab:green"
+DPI = 110
+
+
+def make_figures(t: StudyTable, out_dir: Path) -> list[Path]:
+    """Every figure the study asks for (its ``plots``), for a study with results."""
+    if not t.has_results:
+        return []
+    kinds = t.study.plots if t.study else ("bars",)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for kind in kinds:
+        fn = {"pareto": pareto, "sweep": sweep, "bars": bars, "latency": latency}[kind]
+        path = fn(t, out_dir / f"{t.name}_{kind}.png")
+        if path is not None:
+            files.append(path)
+    return files
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _size_note(t: StudyTable) -> str:
+    sizes = sorted({r["image_size"] for r in t.rows if r.get("image_size")})
+    return f"{'/'.join(map(str, sizes))}×{'/'.join(map(str, sizes))} input" if sizes else ""
+
+
+def _metric(t: StudyTable) -> str:
+    return t.study.metric if t.study else "top-1"
+
+
+def pareto(t: StudyTable, path: Path) -> Path | None:
+    rows = [r for r in t.rows if r.get("gflops") is not None or r.get("paper_top1") is not None]
+    if not rows:
+        return None
+    # Accuracy sources: ours (x = the trained model's cost), then the paper's (x = its printed cost).
+    panels: list[tuple[str, list[tuple[dict[str, Any], float, float | None, float | None, float]]]] = []
+    for s in t.sources:
+        pts = []
+        for r in rows:
+            a = r["acc"].get(s.key)
+            if a is not None:
+                pts.append((r, a.mean, a.gflops if a.gflops is not None else r["gflops"], a.params_m if a.params_m is not None else r["params_m"], a.std))
+        if pts:
+            a0 = next(r["acc"][s.key] for r in rows if s.key in r["acc"])
+            size = f", {a0.image_size}×{a0.image_size}, width ×{a0.width:g}" if a0.image_size and a0.width else ""
+            panels.append((f"ours: {s.label}{size}", pts))
+    ppts = [
+        (r, r["paper_top1"], r["paper_gflops"], r["paper_params_m"], 0.0)
+        for r in rows
+        if r.get("paper_top1") is not None and (r.get("paper_gflops") is not None or r.get("paper_params_m") is not None)
+    ]
+    if ppts:
+        panels.append((f"paper: {_metric(t)} (printed GFLOPS/params)", ppts))
+    nrows = len(panels) + 1
+    fig, axes = plt.subplots(nrows, 2, figsize=(11, 3.8 * nrows), squeeze=False)
+    for i, (title, pts) in enumerate(panels):
+        for j, (xi, xlabel) in enumerate(((2, "GFLOPS per image (2 × multiply-adds)"), (3, "parameters (M)"))):
+            ax = axes[i][j]
+            for key, (name, color, marker) in SERIES.items():
+                sel = [p for p in pts if series(p[0]) == key and p[xi] is not None]
+                sel.sort(key=lambda p: p[xi])
+                if not sel:
+                    continue
+                ax.errorbar([p[xi] for p in sel], [p[1] for p in sel], yerr=[p[4] for p in sel],
+                            fmt="-" + marker, color=color, capsize=3, label=name)
+                for p in sel:
+                    ax.annotate(p[0]["label"], (p[xi], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    ax = axes[-1][0]
+    for key, (name, color, marker) in SERIES.items():
+        sel = [r for r in rows if series(r) == key and r.get("gflops") is not None]
+        if sel:
+            ax.scatter([r["gflops"] for r in sel], [r["params_m"] for r in sel], color=color, marker=marker, label=name)
+            for i, r in enumerate(sel):
+                ax.annotate(r["label"], (r["gflops"], r["params_m"]), fontsize=6,
+                            xytext=(3, 3 if (i + len(key)) % 2 else -9), textcoords="offset points")
+    ax.set_xlabel(f"GFLOPS per image, ours ({_size_note(t)})")
+    ax.set_ylabel("parameters (M), ours")
+    ax.set_title("cost: parameters vs compute (ours)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    axes[-1][1].axis("off")
+    fig.suptitle(f"{t.title} — accuracy vs compute and parameters (conv vs attention)", fontsize=11)
+    return _save(fig, path)
+
+
+def _x(t: StudyTable) -> tuple[list[Any], str]:
+    field = t.study.vary if t.study and t.study.vary else "variant"
+    names = {"kernel_size": "spatial extent k (k×k window)", "heads": "attention heads N", "width": "width multiplier"}
+    return [r.get("vary", r["label"]) for r in t.rows], names.get(field, field)
+
+
+def sweep(t: StudyTable, path: Path) -> Path | None:
+    xs, xlabel = _x(t)
+    rows = t.rows
+    panels = ["cost", "latency"] + [s.key for s in t.sources if any(s.key in r["acc"] for r in rows)]
+    if any(r.get("paper_top1") is not None for r in rows):
+        panels.append("paper")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels, strict=True):
+        if p == "cost":
+            sel = [(x, r) for x, r in zip(xs, rows, strict=True) if r.get("gflops") is not None]
+            ax.plot([x for x, _ in sel], [r["gflops"] for _, r in sel], "-o", color="tab:blue", label="GFLOPS")
+            ax.set_ylabel(f"GFLOPS per image ({_size_note(t)})", color="tab:blue")
+            ax2 = ax.twinx()
+            ax2.plot([x for x, _ in sel], [r["params_m"] for _, r in sel], "--s", color="tab:red", label="params")
+            ax2.set_ylabel("parameters (M)", color="tab:red")
+            ax2.set_ylim(0, max(r["params_m"] for _, r in sel) * 1.15)
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.set_title("compute and parameters", fontsize=9)
+        elif p == "latency":
+            sel = [(x, r) for x, r in zip(xs, rows, strict=True) if r.get("time_ratio") is not None]
+            if sel:
+                ax.plot([x for x, _ in sel], [r["time_ratio"] for _, r in sel], "-o", color="tab:purple")
+                ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+                vs = sel[0][1]["vs_model"]
+                dev = sel[0][1].get("latency_device") or ""
+                ax.set_title(f"latency relative to {vs}\n({dev}, batch {sel[0][1]['latency_batch']})", fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "latency not measured", ha="center", va="center", transform=ax.transAxes)
+                ax.set_title("latency", fontsize=9)
+            ax.set_ylabel("time per batch ÷ baseline's")
+        elif p == "paper":
+            sel = [(x, r) for x, r in zip(xs, rows, strict=True) if r.get("paper_top1") is not None]
+            ax.plot([x for x, _ in sel], [r["paper_top1"] for _, r in sel], "-o", color=PAPER_COLOR)
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.set_title(f"paper: {_metric(t)}", fontsize=9)
+        else:
+            s = next(s for s in t.sources if s.key == p)
+            sel = [(x, r["acc"][p]) for x, r in zip(xs, rows, strict=True) if p in r["acc"]]
+            ax.errorbar([x for x, _ in sel], [a.mean for _, a in sel], yerr=[a.std for _, a in sel], fmt="-o", color="tab:orange", capsize=3)
+            ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
+            ax.set_title(f"ours: {s.label}", fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if all(isinstance(x, (int, float)) for x in xs):
+            ax.set_xticks(xs)
+    fig.suptitle(t.title, fontsize=11)
+    return _save(fig, path)
+
+
+def bars(t: StudyTable, path: Path) -> Path | None:
+    rows = t.rows
+    labels = [r["label"] for r in rows]
+    panels: list[tuple[str, list[float | None], list[float] | None, str]] = [
+        ("GFLOPS per image", [r.get("gflops") for r in rows], None, f"compute ({_size_note(t)})"),
+        ("parameters (M)", [r.get("params_m") for r in rows], None, "parameters"),
+    ]
+    if any(r.get("time_ratio") is not None for r in rows):
+        r0 = next(r for r in rows if r.get("time_ratio") is not None)
+        panels.append(("time per batch ÷ baseline's", [r.get("time_ratio") for r in rows], None,
+                       f"latency vs {r0['vs_model']}\n({r0.get('latency_device') or ''}, batch {r0.get('latency_batch')})"))
+    for s in t.sources:
+        accs = [r["acc"].get(s.key) for r in rows]
+        if any(accs):
+            panels.append(("top-1 (%), mean ± std", [a.mean if a else None for a in accs], [a.std if a else 0.0 for a in accs], f"ours: {s.label}"))
+    if any(r.get("paper_top1") is not None for r in rows):
+        panels.append(("top-1 (%)", [r.get("paper_top1") for r in rows], None, f"paper: {_metric(t)}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 2.0, 0.45 * len(rows) + 2.2), squeeze=False, sharey=True)
+    ys = list(range(len(rows)))
+    for ax, (xlabel, vals, err, title) in zip(axes[0], panels, strict=True):
+        colors = [PAPER_COLOR if title.startswith("paper") else COLORS[r.get("family")] for r in rows]
+        v = [x if x is not None else 0.0 for x in vals]
+        ax.barh(ys, v, xerr=err, color=colors, capsize=3)
+        for y, x in zip(ys, vals, strict=True):
+            ax.text(x if x is not None else 0.0, y, f" {x:.2f}" if x is not None else " n/a", va="center", fontsize=7)
+        present = [x for x in vals if x is not None]
+        if present and title.startswith(("ours", "paper")) and "top-1" in xlabel:
+            lo, hi = min(present), max(present)
+            pad = max(1.0, (hi - lo) * 0.5)
+            ax.set_xlim(max(0.0, lo - pad), min(100.0, hi + pad))
+        if "baseline" in xlabel:
+            ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels(labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in ("conv", "attention")] + [plt.Rectangle((0, 0), 1, 1, color=PAPER_COLOR)]
+    fig.legend(handles, ["ours: convolution", "ours: self-attention", "paper"], loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(t.title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def latency(t: StudyTable, path: Path) -> Path | None:
+    rows = [r for r in t.rows if r.get("latency_ms") is not None]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    xs = list(range(len(rows)))
+    ax = axes[0]
+    ax.bar(xs, [r["latency_ms"] for r in rows], color=[COLORS[r["family"]] for r in rows])
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r["label"] for r in rows], rotation=35, ha="right", fontsize=8)
+    r0 = rows[0]
+    ax.set_ylabel(f"median time per batch of {r0.get('latency_batch')} (ms)")
+    ax.set_title(f"latency at {r0.get('latency_image_size')}×{r0.get('latency_image_size')} on {r0.get('latency_device') or '?'}", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    ratios = [r.get("time_ratio") for r in rows]
+    ax.bar(xs, [x if x is not None else 0.0 for x in ratios], color=[COLORS[r["family"]] for r in rows])
+    for x, r in zip(xs, rows, strict=True):
+        if r.get("time_ratio") is not None:
+            ax.text(x, r["time_ratio"], f"{r['time_ratio']:.2f}×", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{r['label']}\nvs {r.get('vs_model')}" for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("time ÷ baseline's (median of pairs)")
+    ax.set_title("latency relative to each model's baseline", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in ("conv", "attention")]
+    axes[0].legend(handles, ["convolution", "self-attention"], loc="upper left", fontsize=8)
+    fig.suptitle(f"{t.title} — latency, conv vs attention", fontsize=11)
+    return _save(fig, path)

@@ -1,0 +1,224 @@
+"""Training recipes: every hyperparameter in one dataclass, two named presets, config files.
+
+Resolution order (later wins): the recipe's values -> a ``--config`` file (TOML or YAML, the
+same keys as :class:`TrainConfig`, plus an optional ``model`` table of ModelSpec overrides) ->
+the flags given on the command line. The resolved config is saved in the run directory.
+
+``paper`` is the paper's ImageNet appendix. What the paper does not state, and our choice:
+
+- weight decay 1e-4 (the standard ResNet value), not applied to BatchNorm parameters and biases
+  (as TF's TPU ResNet reference, the paper's likely starting point, does);
+- label smoothing 0.1 (standard in Google's ImageNet recipes of the time);
+- momentum 0.9 (Nesterov, as stated);
+- no dropout (the models have none);
+- augmentation: Inception-style RandomResizedCrop + horizontal flip; eval resize to 256/224 of
+  the input then center crop;
+- LR warm-up linear from ~0 to the peak over 10 epochs, then cosine to 0, stepped per iteration;
+- "batch norm decay 0.9999" is TF's convention (running = decay*running + (1-decay)*batch), i.e.
+  PyTorch ``momentum = 1e-4``;
+- EMA decay 0.9999 with TF's ``num_updates`` warm-up: decay_t = min(decay, (1+t)/(10+t)); the
+  EMA weights (and BN buffers) are what gets evaluated.
+
+``short`` is for this project's CPU machine: sasa_resnet26 / resnet26 on Fashion-MNIST at 64x64
+(16x16 maps at the first attention group, larger than k = 11) in a few minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from sasa_bench.errors import SasaError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyperparameter. ``lr=None`` means ``lr_base * batch_size / lr_ref_batch``."""
+
+    recipe: str = "paper"
+    # data
+    data: str = "imagenet"
+    data_dir: str | None = None
+    holdout: bool = False
+    augment: bool = True
+    synthetic_train: int = 2048
+    synthetic_eval: int = 512
+    workers: int = 4
+    threads: int | None = None  # torch CPU threads per process (None = torch's default)
+    # schedule
+    epochs: float = 130
+    max_steps: int | None = None
+    batch_size: int = 4096  # global, across all processes
+    lr: float | None = None
+    lr_base: float = 1.6
+    lr_ref_batch: int = 4096
+    warmup_epochs: float = 10
+    schedule: str = "cosine"  # cosine | constant
+    # optimiser
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = False
+    label_smoothing: float = 0.1
+    grad_clip: float | None = None
+    # model statistics
+    ema_decay: float = 0.9999  # 0 = no EMA
+    bn_momentum: float | None = 1e-4  # PyTorch convention; None = PyTorch's default 0.1
+    sync_bn: bool = False
+    # speed
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    # run control
+    seed: int = 0
+    deterministic: bool = False
+    eval_every: int = 1
+    eval_batch_size: int | None = None
+    checkpoint_every: int | None = None
+    log_every: int | None = None
+    # model overrides the recipe applies unless the user sets them (width, image_size, num_classes)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.lr_base * self.batch_size / self.lr_ref_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        if self.precision not in PRECISIONS:
+            raise SasaError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
+        if self.schedule not in ("cosine", "constant"):
+            raise SasaError(f"unknown schedule {self.schedule!r} (choose from cosine, constant)")
+        if self.optimizer != "sgd":
+            raise SasaError(f"unknown optimizer {self.optimizer!r} (only sgd)")
+        if self.epochs <= 0:
+            raise SasaError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise SasaError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SasaError(f"max steps must be >= 1, got {self.max_steps}")
+        if self.warmup_epochs < 0:  # longer than the run: the whole run warms up (e.g. paper recipe, --epochs 2)
+            raise SasaError(f"warmup epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.ema_decay < 1:
+            raise SasaError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise SasaError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise SasaError(f"BN momentum must be in (0, 1], got {self.bn_momentum}")
+        for name in ("eval_every", "checkpoint_every", "log_every", "eval_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise SasaError(f"{name.replace('_', ' ')} must be >= 1, got {v}")
+        if self.threads is not None and self.threads < 1:
+            raise SasaError(f"threads must be >= 1, got {self.threads}")
+        if self.workers < 0:
+            raise SasaError(f"workers must be >= 0, got {self.workers}")
+        return self
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},  # the dataclass defaults are the paper's appendix
+    # Tuned on this 2-core CPU machine (see README): a few minutes, >= 85% Fashion-MNIST top-1.
+    "short": {
+        "data": "fashion-mnist",
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.05,
+        "warmup_epochs": 0.1,
+        "weight_decay": 5e-5,
+        "label_smoothing": 0.0,
+        "ema_decay": 0.0,
+        "bn_momentum": None,
+        "precision": "bf16",
+        "channels_last": False,
+        "workers": 0,
+        "threads": 1,
+        "eval_batch_size": 500,
+        "model": {"width": 0.25, "image_size": 64, "num_classes": 10},
+    },
+}
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML or YAML mapping of TrainConfig keys (dashes or underscores)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SasaError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        if Path(path).suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif Path(path).suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # tomllib/yaml/json errors all mean the same thing to the user
+        raise SasaError(f"bad config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SasaError(f"bad config file {path}: expected a mapping of settings")
+    data = data.get("train", data) if isinstance(data.get("train"), dict) else data
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    unknown = set(values) - FIELDS
+    if unknown:
+        raise SasaError(f"unknown training setting(s) in {where}: {', '.join(sorted(unknown))}")
+
+
+def resolve_config(recipe: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """recipe -> config file -> overrides (``None`` values in overrides mean "not given")."""
+    if recipe not in RECIPES:
+        raise SasaError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe]}
+    values["model"] = dict(values.get("model", {}))
+    layers = []
+    if config_file is not None:
+        layers.append((read_config_file(config_file), str(config_file)))
+    layers.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "options"))
+    for layer, where in layers:
+        _check_keys(layer, where)
+        model = layer.pop("model", None)
+        if model is not None:
+            if not isinstance(model, dict):
+                raise SasaError(f"'model' in {where} must be a mapping of model options")
+            values["model"].update({k.replace("-", "_"): v for k, v in model.items()})
+        values.update(layer)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise SasaError(f"bad training settings: {e}") from None
+    return cfg.validate()
+
+
+def spec_for(cfg: TrainConfig, model: str | None = None, overrides: dict[str, Any] | None = None):
+    """The ModelSpec to train: the preset, then the recipe/config's model settings, then
+    ``overrides`` (the user's model flags; ``None`` = not given)."""
+    from sasa_bench.spec import make_spec
+
+    values = dict(cfg.model)
+    if model is not None and "name" in values and values["name"] != model:
+        values.pop("name")  # a saved config's name belongs to its own model
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if model is None and "name" in values and values["name"] in _preset_names():
+        model = values.pop("name")
+    return make_spec(model, **values)
+
+
+def _preset_names() -> set[str]:
+    from sasa_bench.spec import PRESETS
+
+    return set(PRESETS)

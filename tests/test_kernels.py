@@ -1,0 +1,215 @@
+"""Every fast attention backend computes the reference operator: forward and all gradients.
+
+Coverage (issue 4): borders, maps smaller than k, k in {1,3,5,7,9,11}, heads in {1,2,4,8}, no
+keys (Table 6's q.r only) / no relative embeddings, both border modes, batch 1 and > 1,
+non-contiguous inputs; FLOP counts do not depend on the backend; the C++ backend falls back
+cleanly (one warning) where it cannot be built. fp32 tolerance: 1e-4 relative to the largest
+entry of the float64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from sasa_bench.kernels import available_backends, local_attention, resolve_backend
+from sasa_bench.kernels import cpu_fused as cpu_fused_mod
+from sasa_bench.kernels.reference import local_attention_reference
+from sasa_bench.kernels.registry import all_backends
+
+FAST = [name for name in ("cpu_fused", "shift") if name in available_backends("cpu")]
+
+# (batch, heads, head_dim, value_dim, H, W, k, mask_border, has_k, has_rel)
+CASES = [
+    (2, 2, 4, 4, 9, 11, 5, True, True, True),
+    (2, 2, 4, 4, 9, 11, 5, False, True, True),
+    (1, 1, 3, 3, 5, 5, 1, True, True, True),  # k = 1: a per-pixel softmax of one logit
+    (1, 8, 2, 2, 6, 7, 3, True, True, True),
+    (1, 4, 6, 5, 3, 2, 7, True, True, True),  # map smaller than the window
+    (2, 4, 6, 5, 3, 2, 7, False, True, True),
+    (1, 2, 5, 4, 4, 13, 9, True, True, True),  # odd head dim: Dr != Dc
+    (1, 2, 4, 4, 12, 5, 11, False, True, True),
+    (2, 1, 4, 3, 8, 8, 7, True, False, True),  # logits="qr": no keys
+    (1, 2, 4, 4, 8, 8, 7, False, False, True),
+    (1, 2, 4, 4, 7, 9, 3, True, True, False),  # pos != relative: no q.r term
+    (1, 2, 4, 4, 7, 9, 3, False, True, False),
+    (1, 1, 2, 2, 1, 1, 3, True, True, True),  # single pixel
+    (3, 2, 8, 8, 17, 19, 7, True, True, True),  # several vector chunks per row
+    (1, 8, 1, 1, 5, 6, 5, True, True, True),  # head dim 1: Dr = 0
+]
+
+
+def _inputs(case, dtype, noncontig=False):  # noqa: ANN001, ANN202
+    b, n, d, dv, h, w, kk, mask, has_k, has_rel = case
+
+    def make(c):  # noqa: ANN001, ANN202
+        if noncontig:  # channels-last storage, seen through a permuted view
+            return torch.randn(b, h, w, n, c, dtype=dtype).permute(0, 3, 4, 1, 2)
+        return torch.randn(b, n, c, h, w, dtype=dtype)
+
+    q = make(d).requires_grad_()
+    k = make(d).requires_grad_() if has_k else None
+    v = make(dv).requires_grad_()
+    rr = (torch.randn(kk, d // 2, dtype=dtype) * 0.5).requires_grad_() if has_rel else None
+    rc = (torch.randn(kk, d - d // 2, dtype=dtype) * 0.5).requires_grad_() if has_rel else None
+    return q, k, v, rr, rc, kk, mask
+
+
+def _run(fn, args, grad):  # noqa: ANN001, ANN202
+    q, k, v, rr, rc, kk, mask = args
+    leaves = [x for x in (q, k, v, rr, rc) if x is not None]
+    out = fn(q, k, v, rr, rc, kk, mask)
+    return [out, *torch.autograd.grad(out, leaves, grad)]
+
+
+def _assert_close(got, want, rel=1e-4):  # noqa: ANN001, ANN202
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.shape == b.shape, i
+        if b.numel() == 0:
+            continue
+        scale = max(1.0, b.abs().max().item())
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= rel * scale, f"output/grad #{i}: max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}n{}d{}x{}_{}x{}_k{}_{}{}{}".format(
+    *c[:7], "mask" if c[7] else "zeros", "" if c[8] else "_nok", "" if c[9] else "_norel"))
+def test_backend_matches_reference(backend, case):  # noqa: ANN001
+    fn = all_backends()[backend].fn
+    args64 = _inputs(case, torch.float64)
+    grad = torch.randn_like(local_attention_reference(*[a.detach() if torch.is_tensor(a) else a for a in args64]))
+    want = _run(local_attention_reference, args64, grad)
+    args32 = tuple(a.detach().float().requires_grad_() if torch.is_tensor(a) else a for a in args64)
+    got = _run(fn, args32, grad.float())
+    _assert_close(got, want)
+    # float64 in, float64 exactness
+    got64 = _run(fn, tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args64), grad)
+    _assert_close(got64, want, rel=1e-10)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mask", [True, False])
+def test_noncontiguous_inputs(backend, mask):  # noqa: ANN001
+    case = (2, 4, 4, 4, 7, 10, 5, mask, True, True)
+    args = _inputs(case, torch.float32, noncontig=True)
+    grad = torch.randn(2, 4, 4, 7, 10)
+    want = _run(local_attention_reference, args, grad)
+    args2 = tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args)
+    _assert_close(_run(all_backends()[backend].fn, args2, grad), want)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_expanded_keys_and_bf16(backend):  # noqa: ANN001
+    """Absolute-position keys arrive as an expanded view; bf16 runs (computed in fp32)."""
+    q = torch.randn(2, 2, 4, 6, 6)
+    k = torch.randn(1, 1, 4, 6, 6).expand(2, 2, -1, -1, -1)
+    v = torch.randn(2, 2, 4, 6, 6)
+    want = local_attention_reference(q, k, v, None, None, 3, True)
+    got = all_backends()[backend].fn(q, k, v, None, None, 3, True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    qb, kb, vb = (x.bfloat16().requires_grad_() for x in (q, k.contiguous(), v))
+    out = all_backends()[backend].fn(qb, kb, vb, None, None, 3, True)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert qb.grad.dtype == torch.bfloat16 and kb.grad is not None and vb.grad is not None
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_fused_gradcheck():
+    if "cpu_fused" not in FAST:
+        pytest.skip("cpu_fused not available")
+    fn = all_backends()["cpu_fused"].fn
+    q, k, v = (torch.randn(1, 2, 3, 4, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rr = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+    rc = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    for mask in (True, False):
+        assert torch.autograd.gradcheck(lambda *a: fn(*a, 3, mask), (q, k, v, rr, rc))  # noqa: B023
+
+
+def test_registry_and_auto():
+    names = available_backends()
+    assert names[0] == "auto" and "reference" in names and "shift" in names
+    if "cpu_fused" in available_backends("cpu"):
+        assert resolve_backend("auto", "cpu").name == "cpu_fused"
+    assert resolve_backend("auto", "cuda").name in available_backends("cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_flops_do_not_depend_on_backend(backend):  # noqa: ANN001
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sasa_bench.kernels import counting_flops
+
+    q = k = v = torch.randn(1, 2, 4, 6, 6)
+    rr, rc = torch.randn(5, 2), torch.randn(5, 2)
+    with counting_flops(), FlopCounterMode(display=False) as fc:
+        local_attention(q, k, v, rr, rc, 5, True, backend=backend)
+    assert fc.get_total_flops() == 2 * 1 * 2 * 36 * 25 * (4 + 4 + 4)
+
+
+def test_cpu_fused_falls_back_with_one_warning(monkeypatch):  # noqa: ANN001
+    monkeypatch.setattr(cpu_fused_mod, "_EXT", None)
+    monkeypatch.setattr(cpu_fused_mod, "_FAILED", None)
+    monkeypatch.setenv("CXX", os.path.join(os.sep, "nonexistent", "c++"))
+    assert not cpu_fused_mod.is_available()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = k = v = torch.randn(1, 1, 2, 4, 4)
+        out = cpu_fused_mod.local_attention_cpu_fused(q, k, v, None, None, 3, True)
+        cpu_fused_mod.local_attention_cpu_fused(q, k, v, None, None, 3, True)
+    msgs = [str(w.message) for w in caught if "cpu_fused" in str(w.message)]
+    assert len(msgs) == 1 and "\n" not in msgs[0]
+    torch.testing.assert_close(out, local_attention_reference(q, k, v, None, None, 3, True))
+    assert resolve_backend("auto", "cpu").name != "cpu_fused"
+
+
+_TRITON_SCRIPT = r"""
+import torch
+from sasa_bench.kernels import triton_fused as tf
+from sasa_bench.kernels.reference import local_attention_reference as ref
+assert tf.INTERPRET and tf.is_available()
+torch.manual_seed(0)
+cases = [(2, 2, 4, 9, 11, 5, True, True, True), (1, 2, 6, 3, 2, 7, False, True, True),
+         (1, 2, 4, 6, 5, 3, True, False, True), (1, 2, 4, 6, 5, 3, False, True, False),
+         (1, 1, 3, 4, 4, 1, True, True, True)]
+for b, n, d, h, w, kk, mask, has_k, has_rel in cases:
+    q = torch.randn(b, n, d, h, w, requires_grad=True)
+    k = torch.randn(b, n, d, h, w, requires_grad=True) if has_k else None
+    v = torch.randn(b, n, d + 1, h, w, requires_grad=True)
+    rr = torch.randn(kk, d // 2, requires_grad=True) if has_rel else None
+    rc = torch.randn(kk, d - d // 2, requires_grad=True) if has_rel else None
+    leaves = [x for x in (q, k, v, rr, rc) if x is not None]
+    g = torch.randn(b, n, d + 1, h, w)
+    o1 = ref(q, k, v, rr, rc, kk, mask)
+    o2 = tf.local_attention_triton(q, k, v, rr, rc, kk, mask)
+    for a, c in zip([o1, *torch.autograd.grad(o1, leaves, g)], [o2, *torch.autograd.grad(o2, leaves, g)]):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4 * max(1.0, a.abs().max().item()))
+print("ok")
+"""
+
+
+def test_triton_kernel_in_interpreter():
+    """The GPU kernel, run by Triton's CPU interpreter (no GPU needed), equals the reference."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "shift"])
+@pytest.mark.parametrize("case", CASES[:8])
+def test_gpu_backend_matches_reference(backend, case):  # noqa: ANN001
+    fn = all_backends()[backend].fn
+    args = tuple(a.detach().cuda().requires_grad_() if torch.is_tensor(a) else a for a in _inputs(case, torch.float32))
+    grad = torch.randn_like(local_attention_reference(*[a.detach() if torch.is_tensor(a) else a for a in args]))
+    want = _run(local_attention_reference, args, grad)
+    args2 = tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args)
+    _assert_close(_run(fn, args2, grad), want)

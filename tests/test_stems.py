@@ -1,0 +1,217 @@
+"""The stems: the paper's attention stem against a slow loop reference, its Table 7 variants,
+and the conv stem.
+
+The attention stem: every pixel attends to the 16 pixels of its own 4x4 block, with logits
+q_ij . k_ab + q_ij[:Dr] . rel_row[a-i] + q_ij[Dr:] . rel_col[b-j] (offsets -3..3, index offset+3)
+per head, and spatially aware values v_ab = sum_m p(a, b, m) W_V^m x_ab where
+p(a, b, m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m) with (a, b) the position inside the block,
+shared across heads. Then BatchNorm, then a 4x4 max-pool.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sasa_bench import SasaError, make_spec
+from sasa_bench.layers.stems import AttentionStem, ConvStem, make_stem
+
+B = 4  # block size
+
+
+def slow_values(stem: AttentionStem, x: torch.Tensor) -> torch.Tensor:
+    """The stem's values, pixel by pixel: [B, C_out, H, W]."""
+    bsz, cin, h, w = x.shape
+    cout = stem.query.weight.shape[0]
+    if stem.values == "plain":
+        wv = stem.value.weight[:, :, 0, 0]
+        return torch.stack(
+            [torch.stack([x[:, :, i, j] @ wv.t() for j in range(w)], -1) for i in range(h)], -2
+        )
+    if stem.values == "conv":  # a 3x3 "same" convolution, written out
+        wv = stem.value.weight  # [C_out, C_in, 3, 3]
+        rows = []
+        for i in range(h):
+            cols = []
+            for j in range(w):
+                acc = torch.zeros(bsz, cout, dtype=x.dtype)
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        a, b = i + di, j + dj
+                        if 0 <= a < h and 0 <= b < w:
+                            acc = acc + x[:, :, a, b] @ wv[:, :, di + 1, dj + 1].t()
+                cols.append(acc)
+            rows.append(torch.stack(cols, -1))
+        return torch.stack(rows, -2)
+    # spatially aware values: a per-position mixture of m value matrices
+    m = stem.mixtures
+    wv = stem.value.weight[:, :, 0, 0].view(m, cout, cin)  # W_V^m
+    rows = []
+    for i in range(h):
+        cols = []
+        for j in range(w):
+            pa, pb = i % B, j % B
+            emb = stem.emb_row[pa] + stem.emb_col[pb]
+            p = torch.softmax(torch.stack([emb @ stem.mix[mm] for mm in range(m)]), dim=0)
+            w_mix = sum(p[mm] * wv[mm] for mm in range(m))  # [C_out, C_in]
+            cols.append(x[:, :, i, j] @ w_mix.t())
+        rows.append(torch.stack(cols, -1))
+    return torch.stack(rows, -2)
+
+
+def slow_stem_attention(stem: AttentionStem, x: torch.Tensor) -> torch.Tensor:
+    """Block-local attention, one pixel and one block position at a time (heads side by side,
+    each with its own softmax): [B, C_out, H, W]."""
+    bsz, _, h, w = x.shape
+    cout = stem.query.weight.shape[0]
+    n = stem.heads
+    d = cout // n
+    dr = d // 2
+    wq, wk = stem.query.weight[:, :, 0, 0], stem.key.weight[:, :, 0, 0]
+    v = slow_values(stem, x).reshape(bsz, n, d, h, w)
+    keys = [[(x[:, :, a, b] @ wk.t()).view(bsz, n, d) for b in range(w)] for a in range(h)]
+    out_rows = []
+    for i in range(h):
+        out_row = []
+        for j in range(w):
+            q = (x[:, :, i, j] @ wq.t()).view(bsz, n, d)
+            logits, values = [], []
+            i0, j0 = (i // B) * B, (j // B) * B
+            for a in range(i0, i0 + B):
+                for b in range(j0, j0 + B):
+                    logit = (q * keys[a][b]).sum(-1)  # [B, N]
+                    logit = logit + (q[..., :dr] * stem.rel_row[a - i + B - 1]).sum(-1)
+                    logit = logit + (q[..., dr:] * stem.rel_col[b - j + B - 1]).sum(-1)
+                    logits.append(logit)
+                    values.append(v[..., a, b])  # [B, N, D]
+            wts = torch.softmax(torch.stack(logits, -1), -1)  # [B, N, 16]
+            y = sum(wts[..., t, None] * values[t] for t in range(len(values)))
+            out_row.append(y.reshape(bsz, cout))
+        out_rows.append(torch.stack(out_row, -1))
+    return torch.stack(out_rows, -2)
+
+
+VARIANTS = ["attention", "attention-plain", "attention-conv-values"]
+
+
+def _stem(kind: str, cout: int = 16, heads: int = 4, mixtures: int = 4) -> AttentionStem:
+    stem = make_stem(kind, 3, cout, heads=heads, mixtures=mixtures).double()
+    with torch.no_grad():  # logits and mixtures far from uniform
+        stem.query.weight.mul_(2.0)
+        for name in ("rel_row", "rel_col", "emb_row", "emb_col", "mix"):
+            if hasattr(stem, name):
+                getattr(stem, name).normal_(0, 1.0)
+    return stem
+
+
+@pytest.mark.parametrize(("kind", "cout", "heads", "mixtures"), [
+    ("attention", 16, 4, 4),
+    ("attention", 12, 2, 3),  # D = 6, 3 mixtures
+    ("attention", 8, 4, 1),
+    ("attention-plain", 16, 4, 4),
+    ("attention-conv-values", 16, 4, 4),
+])
+def test_attention_stem_matches_loop(kind: str, cout: int, heads: int, mixtures: int) -> None:
+    stem = _stem(kind, cout, heads, mixtures)
+    x = torch.randn(2, 3, 8, 4, dtype=torch.float64, requires_grad=True)  # 2 x 1 blocks
+    fast = stem.attend(x)
+    slow = slow_stem_attention(stem, x)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-10)
+    g = torch.randn_like(fast)
+    params = [x, *stem.parameters()]
+    gf = torch.autograd.grad((fast * g).sum(), params, allow_unused=True)
+    gs = torch.autograd.grad((slow * g).sum(), params, allow_unused=True)
+    names = ["input", *(n for n, _ in stem.named_parameters())]
+    for name, p, a, b in zip(names, params, gf, gs, strict=True):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_attention_stays_inside_its_block() -> None:
+    stem = _stem("attention-plain")
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = stem.attend(x)
+        x2 = x.clone()
+        x2[0, :, 5, 6] += 1.0  # block (1, 1)
+        y2 = stem.attend(x2)
+    changed = (y2 - y).abs().amax(1)[0] > 0  # [H, W]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[4:8, 4:8] = True
+    assert torch.equal(changed, expected)
+
+
+def test_mixture_weights_are_a_softmax_over_mixtures() -> None:
+    stem = _stem("attention")
+    p = stem.mixture_weights()
+    assert p.shape == (4, B, B)
+    torch.testing.assert_close(p.sum(0), torch.ones(B, B, dtype=p.dtype))
+    a, b = 2, 1
+    logits = torch.stack([(stem.emb_row[a] + stem.emb_col[b]) @ stem.mix[m] for m in range(4)])
+    torch.testing.assert_close(p[:, a, b], torch.softmax(logits, 0))
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_bn_then_4x4_max_pool(kind: str) -> None:
+    stem = _stem(kind).eval()
+    with torch.no_grad():  # a BN with negative scales: BN-then-pool differs from pool-then-BN
+        stem.bn.weight.copy_(torch.randn(16, dtype=torch.float64))
+        stem.bn.bias.copy_(torch.randn(16, dtype=torch.float64))
+        stem.bn.running_mean.copy_(torch.randn(16, dtype=torch.float64))
+        stem.bn.running_var.copy_(torch.rand(16, dtype=torch.float64) + 0.5)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        a = stem.attend(x)  # checked against the loop above
+        bn = stem.bn
+        expected = F.max_pool2d(
+            F.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps), 4, 4
+        )
+        torch.testing.assert_close(stem(x), expected, rtol=1e-9, atol=1e-10)
+        other = F.batch_norm(F.max_pool2d(a, 4, 4), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                             bn.eps)
+        assert not torch.allclose(stem(x), other)
+
+
+@pytest.mark.parametrize("kind", ["conv", *VARIANTS])
+def test_stems_take_224_to_56(kind: str) -> None:
+    stem = make_stem(kind, 3, 64)
+    with torch.no_grad():
+        y = stem(torch.randn(1, 3, 224, 224))
+    assert y.shape == (1, 64, 56, 56)
+    assert torch.isfinite(y).all()
+
+
+def test_conv_stem_is_torchvisions() -> None:
+    stem = ConvStem(3, 64)
+    assert (stem.conv1.kernel_size, stem.conv1.stride, stem.conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    assert stem.conv1.bias is None
+    assert (stem.maxpool.kernel_size, stem.maxpool.stride, stem.maxpool.padding) == (3, 2, 1)
+
+
+def test_table7_variants_in_full_models() -> None:
+    for kind in VARIANTS:
+        spec = make_spec("sasa_resnet26", stem=kind, image_size=32, num_classes=3, width=0.25, heads=2)
+        assert spec.stem == kind
+    from sasa_bench import create_model
+
+    model = create_model("sasa_resnet26", stem="attention-conv-values", image_size=32, num_classes=3,
+                         width=0.25, heads=2).eval()
+    assert isinstance(model.stem, AttentionStem) and model.stem.values == "conv"
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_bad_stems_raise_sasa_error() -> None:
+    with pytest.raises(SasaError):
+        make_stem("foo", 3, 64)
+    with pytest.raises(SasaError):
+        make_spec("sasa_resnet50", stem="foo")
+    with pytest.raises(SasaError):
+        make_stem("attention", 3, 64, heads=5)  # heads must divide the stem width
+    with pytest.raises(SasaError):
+        make_stem("attention", 3, 64, mixtures=0)
+    with pytest.raises(SasaError):
+        make_spec("sasa_resnet50", stem_mixtures=0)
+    with pytest.raises(SasaError):
+        make_stem("attention", 3, 16)(torch.randn(1, 3, 6, 8))  # not a multiple of the block
