@@ -156,7 +156,9 @@ def tol(pos: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(
-    ("pos", "logits", "border", "scale"), list(itertools.product(POS, LOGITS, BORDER, SCALE))
+    ("pos", "logits", "border", "scale"),
+    # pos "none" with logits "qr" leaves no logit term at all; the layer rejects it.
+    [c for c in itertools.product(POS, LOGITS, BORDER, SCALE) if c[:2] != ("none", "qr")],
 )
 def test_every_option_matches_loop(pos: str, logits: str, border: str, scale: str) -> None:
     layer = make_layer(3, 8, kernel_size=3, heads=2, pos=pos, logits=logits, border=border, scale=scale)
@@ -216,6 +218,8 @@ def test_locality(k: int, border: str) -> None:
 @pytest.mark.parametrize("logits", LOGITS)
 @pytest.mark.parametrize("border", BORDER)
 def test_translation_equivariance_in_the_interior(pos: str, logits: str, border: str) -> None:
+    if (pos, logits) == ("none", "qr"):
+        pytest.skip("no logit term at all: rejected by the layer")
     k = 5
     layer = make_layer(3, 8, kernel_size=k, heads=2, pos=pos, logits=logits, border=border)
     x = torch.randn(1, 3, 18, 17, dtype=torch.float64)
@@ -332,6 +336,7 @@ def test_mask_gives_outside_positions_no_weight_even_with_huge_logits() -> None:
         {"logits": "qk"},
         {"border": "reflect"},
         {"scale": "sqrt"},
+        {"pos": "none", "logits": "qr"},
         {"backend": "no-such-backend"},
     ],
 )

@@ -50,6 +50,8 @@ def check_attention_args(
     ):
         if val not in choices:
             raise SasaError(f"unknown {name} {val!r} (choose from {', '.join(choices)})")
+    if pos == "none" and logits == "qr":
+        raise SasaError("logits=qr with pos=none leaves no logit term (every window weight equal); use pos relative or absolute")
 
 
 class LocalSelfAttention2d(nn.Module):
@@ -97,7 +99,7 @@ class LocalSelfAttention2d(nn.Module):
             q = q * self.head_dim**-0.5
         k = self._heads(self.key(x)) if self.key is not None else None
         if self.pos == "absolute":
-            p = absolute_sinusoid_2d(h, w, self.head_dim, x.device).to(q.dtype)
+            p = absolute_sinusoid_2d(h, w, self.head_dim, x.device, q.dtype)
             p = p.expand(b, self.heads, -1, h, w)
             k = p if k is None else k + p
         v = self._heads(self.value(x))

@@ -31,30 +31,33 @@ class RelativeEmbedding2d(nn.Module):
         return self.row, self.col
 
 
-def sinusoid_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+def sinusoid_1d(positions: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Transformer sinusoids [len(positions), dim]: sin on even channels, cos on odd ones."""
+    if dtype not in (torch.float32, torch.float64):
+        return sinusoid_1d(positions, dim).to(dtype)  # low precision: compute in fp32, then cast
     if dim == 0:
-        return positions.new_zeros(len(positions), 0)
+        return torch.zeros(len(positions), 0, dtype=dtype, device=positions.device)
     freq = torch.exp(
-        torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device)
-        * (-math.log(10000.0) / dim)
+        torch.arange(0, dim, 2, dtype=dtype, device=positions.device) * (-math.log(10000.0) / dim)
     )
-    ang = positions.float()[:, None] * freq[None, :]
-    out = torch.zeros(len(positions), dim, device=positions.device)
+    ang = positions.to(dtype)[:, None] * freq[None, :]
+    out = torch.zeros(len(positions), dim, dtype=dtype, device=positions.device)
     out[:, 0::2] = torch.sin(ang)
     out[:, 1::2] = torch.cos(ang[:, : dim // 2])
     return out
 
 
-def absolute_sinusoid_2d(h: int, w: int, head_dim: int, device: torch.device) -> torch.Tensor:
+def absolute_sinusoid_2d(
+    h: int, w: int, head_dim: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """[D, H, W]: the first half of the channels encodes the row i, the second half the column j.
 
     Used for Table 5's "absolute" row: the logit becomes q_ij . (k_ab + p_ab), i.e. the key of
     position (a, b) carries the sinusoid of (a, b).
     """
     dr, dc = split_head_dim(head_dim)
-    rows = sinusoid_1d(torch.arange(h, device=device), dr)  # [H, Dr]
-    cols = sinusoid_1d(torch.arange(w, device=device), dc)  # [W, Dc]
+    rows = sinusoid_1d(torch.arange(h, device=device), dr, dtype)  # [H, Dr]
+    cols = sinusoid_1d(torch.arange(w, device=device), dc, dtype)  # [W, Dc]
     pr = rows.t()[:, :, None].expand(dr, h, w)
     pc = cols.t()[:, None, :].expand(dc, h, w)
     return torch.cat([pr, pc], dim=0)
