@@ -127,7 +127,7 @@ class Progress:
         self.enabled = enabled
         self.rich = enabled and err_console.is_terminal
         self.total, self.spe = total_steps, spe
-        self.log_every = log_every or max(1, spe // 5)
+        self.log_every = log_every or max(1, min(spe, total_steps) // 5)
         self.bar = None
         self.t0 = time.perf_counter()
         self.step0 = 0
