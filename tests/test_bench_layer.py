@@ -25,7 +25,9 @@ def test_rows_have_ratios_against_conv_and_reference():
     assert ref["fwd_speedup_vs_reference"] == 1.0
     assert shift["fwdbwd_speedup_vs_reference"] > 0
     if shift["peak_mem_fwdbwd_mb"] is not None and ref["peak_mem_fwdbwd_mb"]:
-        assert shift["mem_fwdbwd_vs_reference"] == pytest.approx(shift["peak_mem_fwdbwd_mb"] / ref["peak_mem_fwdbwd_mb"])
+        assert shift["mem_fwdbwd_vs_reference"] == pytest.approx(
+            shift["peak_mem_fwdbwd_mb"] / ref["peak_mem_fwdbwd_mb"]
+        )
 
 
 def test_auto_and_bf16():
@@ -51,7 +53,21 @@ def _app() -> typer.Typer:
 
 
 def test_cli_json_and_csv():
-    args = ["--stages", "4", "--dtypes", "fp32", "--backends", "shift", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--no-memory"]
+    args = [
+        "--stages",
+        "4",
+        "--dtypes",
+        "fp32",
+        "--backends",
+        "shift",
+        "--batch-size",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+    ]
     res = CliRunner().invoke(_app(), [*args, "--format", "json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)

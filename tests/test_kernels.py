@@ -76,12 +76,19 @@ def _assert_close(got, want, rel=1e-4):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}n{}d{}x{}_{}x{}_k{}_{}{}{}".format(
-    *c[:7], "mask" if c[7] else "zeros", "" if c[8] else "_nok", "" if c[9] else "_norel"))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}n{}d{}x{}_{}x{}_k{}_{}{}{}".format(
+        *c[:7], "mask" if c[7] else "zeros", "" if c[8] else "_nok", "" if c[9] else "_norel"
+    ),
+)
 def test_backend_matches_reference(backend, case):  # noqa: ANN001
     fn = all_backends()[backend].fn
     args64 = _inputs(case, torch.float64)
-    grad = torch.randn_like(local_attention_reference(*[a.detach() if torch.is_tensor(a) else a for a in args64]))
+    grad = torch.randn_like(
+        local_attention_reference(*[a.detach() if torch.is_tensor(a) else a for a in args64])
+    )
     want = _run(local_attention_reference, args64, grad)
     args32 = tuple(a.detach().float().requires_grad_() if torch.is_tensor(a) else a for a in args64)
     got = _run(fn, args32, grad.float())
@@ -199,7 +206,9 @@ def test_triton_kernel_in_interpreter():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -208,8 +217,12 @@ def test_triton_kernel_in_interpreter():
 @pytest.mark.parametrize("case", CASES[:8])
 def test_gpu_backend_matches_reference(backend, case):  # noqa: ANN001
     fn = all_backends()[backend].fn
-    args = tuple(a.detach().cuda().requires_grad_() if torch.is_tensor(a) else a for a in _inputs(case, torch.float32))
-    grad = torch.randn_like(local_attention_reference(*[a.detach() if torch.is_tensor(a) else a for a in args]))
+    args = tuple(
+        a.detach().cuda().requires_grad_() if torch.is_tensor(a) else a for a in _inputs(case, torch.float32)
+    )
+    grad = torch.randn_like(
+        local_attention_reference(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    )
     want = _run(local_attention_reference, args, grad)
     args2 = tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args)
     _assert_close(_run(fn, args2, grad), want)

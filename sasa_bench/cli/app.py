@@ -10,6 +10,7 @@ import warnings
 import typer
 
 from sasa_bench.cli import ablate as ablate_cmd
+from sasa_bench.cli import bench_layer as bench_layer_cmd
 from sasa_bench.cli import flops as flops_cmd
 from sasa_bench.cli import latency as latency_cmd
 from sasa_bench.cli import report as report_cmd
@@ -28,6 +29,7 @@ app.command("flops")(flops_cmd.flops)
 app.command("models")(flops_cmd.models)
 app.command("train")(train_cmd.train)
 app.command("latency")(latency_cmd.latency)
+app.command("bench-layer")(bench_layer_cmd.bench_layer)
 app.command("ablate")(ablate_cmd.ablate)
 app.command("report")(report_cmd.report)
 

@@ -37,17 +37,27 @@ def _str_list(text: str | None) -> list[str] | None:
 
 
 def bench_layer(
-    stages: Annotated[str, typer.Option(help="ResNet-50 stages: 1=64ch@56², 2=128@28², 3=256@14², 4=512@7².")] = "1,2,3,4",
+    stages: Annotated[
+        str, typer.Option(help="ResNet-50 stages: 1=64ch@56², 2=128@28², 3=256@14², 4=512@7².")
+    ] = "1,2,3,4",
     dtypes: Annotated[str, typer.Option(help="Comma-separated: fp32, bf16, fp16.")] = "fp32,bf16",
-    backends: Annotated[str | None, typer.Option(help="Comma-separated attention backends [default: all available here].")] = None,
+    backends: Annotated[
+        str | None, typer.Option(help="Comma-separated attention backends [default: all available here].")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
-    iters: Annotated[int, typer.Option(help="Timed rounds (each times every candidate once, interleaved).")] = 5,
+    iters: Annotated[
+        int, typer.Option(help="Timed rounds (each times every candidate once, interleaved).")
+    ] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed steps per candidate first.")] = 2,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (torch.set_num_threads); recorded either way.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (torch.set_num_threads); recorded either way.")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     k: Annotated[int, typer.Option("--k", help="Attention window k.")] = 7,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak memory per step.")] = True,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure peak memory per step.")
+    ] = True,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv")] = "table",
 ) -> None:
     """Time attention backends (Q/K/V projections included) against a 3x3 conv of the same width.
@@ -70,8 +80,12 @@ def bench_layer(
     )
     opts.validate()
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
     ) as bar:
         task = bar.add_task("building backends…", total=None)
 

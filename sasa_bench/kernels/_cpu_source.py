@@ -27,6 +27,9 @@ CPP_SOURCE = r"""
 #include <limits>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -68,6 +71,25 @@ static inline typename VT<T, L>::type vexp(typename VT<T, L>::type x) {
     V y;
     for (int l = 0; l < L; ++l) y[l] = std::exp(x[l]);
     return y;
+#if defined(__AVX512F__)
+  } else if constexpr (L == 16) {
+    // AVX-512: round with vrndscaleps and rebuild 2^n with vscalefps (same polynomial)
+    const __m512 xv = (__m512)x;
+    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return (V)_mm512_maskz_scalef_ps(keep, p, fn);
+#endif
   } else {
     using I = typename VT<T, L>::itype;
     const V lo = V{} + -87.0f, hi = V{} + 88.0f;
@@ -460,24 +482,34 @@ const T* ptr_or_null(const torch::Tensor& t, bool use) {
   return use ? t.data_ptr<T>() : nullptr;
 }
 
-// [.., W] -> [.., Wpp] with the row at [r, r + W) and zeros around it (one parallel pass)
-torch::Tensor pad_cols(const torch::Tensor& x, int64_t r, int64_t Wpp) {
-  auto xc = x.contiguous();
-  const int64_t W = xc.size(4), rows = xc.numel() / std::max<int64_t>(W, 1);
-  auto out = torch::empty({xc.size(0), xc.size(1), xc.size(2), xc.size(3), Wpp}, xc.options());
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "sasa_pad", [&] {
-    const scalar_t* src = xc.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 256, [&](int64_t b, int64_t e) {
+// [.., W] -> [.., Wpp] with the row at [r, r + W) and zeros around it; several tensors of one
+// dtype in a single parallel pass (one fork/join instead of one per tensor)
+std::vector<torch::Tensor> pad_cols(const std::vector<torch::Tensor>& xs, int64_t r, int64_t Wpp) {
+  std::vector<torch::Tensor> srcs, outs;
+  std::vector<int64_t> starts{0};
+  for (const auto& x : xs) {
+    auto xc = x.contiguous();
+    srcs.push_back(xc);
+    outs.push_back(torch::empty({xc.size(0), xc.size(1), xc.size(2), xc.size(3), Wpp}, xc.options()));
+    starts.push_back(starts.back() + xc.numel() / std::max<int64_t>(xc.size(4), 1));
+  }
+  if (xs.empty()) return outs;
+  const int64_t W = srcs[0].size(4);
+  AT_DISPATCH_FLOATING_TYPES(srcs[0].scalar_type(), "sasa_pad", [&] {
+    at::parallel_for(0, starts.back(), 256, [&](int64_t b, int64_t e) {
+      size_t which = 0;
       for (int64_t row = b; row < e; ++row) {
-        scalar_t* o = dst + row * Wpp;
+        while (row >= starts[which + 1]) ++which;
+        const int64_t local = row - starts[which];
+        const scalar_t* src = srcs[which].data_ptr<scalar_t>() + local * W;
+        scalar_t* o = outs[which].data_ptr<scalar_t>() + local * Wpp;
         std::fill(o, o + r, scalar_t(0));
-        std::memcpy(o + r, src + row * W, sizeof(scalar_t) * W);
+        std::memcpy(o + r, src, sizeof(scalar_t) * W);
         std::fill(o + r + W, o + Wpp, scalar_t(0));
       }
     });
   });
-  return out;
+  return outs;
 }
 
 }  // namespace
@@ -489,9 +521,10 @@ std::vector<torch::Tensor> sasa_forward(torch::Tensor q, torch::Tensor k, torch:
                                         int64_t K, bool has_k, bool has_rel, bool mask) {
   const int64_t B = q.size(0), N = q.size(1), H = q.size(3), W = q.size(4), r = K / 2;
   Dims s = make_dims(q, v, K, has_rel ? rel_row.size(1) : 0);
-  auto qp = pad_cols(q, r, s.Wpp);
-  auto kp = has_k ? pad_cols(k, r, s.Wpp) : k;
-  auto vp = pad_cols(v, r, s.Wpp);
+  auto padded = pad_cols(has_k ? std::vector<torch::Tensor>{q, v, k} : std::vector<torch::Tensor>{q, v},
+                         r, s.Wpp);
+  auto qp = padded[0], vp = padded[1];
+  auto kp = has_k ? padded[2] : k;
   auto out = torch::empty({B, N, v.size(2), H, W}, q.options());
   auto lse = torch::empty({B, N, H, W}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sasa_forward", [&] {
@@ -513,7 +546,7 @@ std::vector<torch::Tensor> sasa_backward(torch::Tensor g, torch::Tensor qp, torc
   Dims s = make_dims(g, vp, K, has_rel ? rel_row.size(1) : 0);
   s.D = D;
   TORCH_CHECK(qp.size(4) == s.Wpp, "sasa_backward: layout mismatch");
-  auto gp = pad_cols(g, r, s.Wpp);
+  auto gp = pad_cols({g}, r, s.Wpp)[0];
   auto opts = g.options();
   auto dq = torch::empty({B, N, D, H, W}, opts);
   auto drel = torch::empty({B * N, has_rel ? K : 0, D}, opts);

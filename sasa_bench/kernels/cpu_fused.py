@@ -4,8 +4,10 @@ The operator is compiled on first use with :func:`torch.utils.cpp_extension.load
 cached in torch's extension directory (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), so later processes only load it. The cache key includes the
 source, the flags and this CPU's instruction-set flags (the build uses ``-march=native``).
-Where no compiler is found or the build fails, the backend reports itself unavailable with a
-one-line warning and ``auto`` falls back to the next backend.
+``is_available`` is a cheap probe (a compiler on PATH); the build happens on the first call (or
+``warm_up()``), taking ~20-60 s on a 2-core machine, once per source/CPU/torch version. If it
+fails, one one-line warning is printed, that call runs the portable ``shift`` backend, and the
+backend reports itself unavailable from then on, so ``auto`` picks ``shift``.
 
 Forward saves the (padded) q, k, v and one log-sum-exp per pixel; backward recomputes the
 softmax from them. No K*K-fold copy of keys or values, and no K*K-sized tensor, is ever stored.
@@ -16,6 +18,7 @@ computed in fp32 (outputs and gradients are cast back); float64 runs in float64.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -23,7 +26,6 @@ import warnings
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from sasa_bench.kernels._cpu_source import CPP_DECLS, CPP_SOURCE
 
@@ -52,7 +54,14 @@ def _load() -> ModuleType | None:
         return None
     t0 = time.perf_counter()
     try:
-        from torch.utils.cpp_extension import load_inline
+        # importing cpp_extension logs "No CUDA runtime is found" on CPU-only machines: not ours
+        cpp_log = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_log.level
+        cpp_log.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load_inline
+        finally:
+            cpp_log.setLevel(level)
 
         src_hash = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()[:8]
         _EXT = load_inline(
@@ -96,9 +105,7 @@ class _LocalAttentionCPU(torch.autograd.Function):
         vc = v.to(dtype).contiguous()
         rr = rel_row.to(dtype).contiguous() if has_rel else empty
         rc = rel_col.to(dtype).contiguous() if has_rel else empty
-        out, lse, qp, kp, vp = ext.sasa_forward(
-            qc, kc, vc, rr, rc, kernel_size, has_k, has_rel, mask_border
-        )
+        out, lse, qp, kp, vp = ext.sasa_forward(qc, kc, vc, rr, rc, kernel_size, has_k, has_rel, mask_border)
         ctx.save_for_backward(qp, kp, vp, rr, rc, lse)
         ctx.meta = (kernel_size, has_k, has_rel, mask_border, q.shape[-1])
         ctx.dtypes = (

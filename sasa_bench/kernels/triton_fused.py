@@ -54,7 +54,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _fwd_kernel(
-        Q, Kt, V, RR, RC, O, LSE,
+        Q, Kt, V, RR, RC, Out, LSE,
         H, W, D, DV, DR,
         K: tl.constexpr, HAS_K: tl.constexpr, HAS_REL: tl.constexpr, MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -71,10 +71,12 @@ if _HAVE_TRITON:
         dm = d < D
         e = tl.arange(0, BLOCK_DV)
         em = e < DV
-        q = tl.load(Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0)
+        q = tl.load(
+            Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0
+        )
         q = q.to(tl.float32)
         m = tl.full([BLOCK_M], NEG, tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
+        denom = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         rr_t = tl.zeros([BLOCK_D], tl.float32)
         rc_u = tl.zeros([BLOCK_D], tl.float32)
@@ -89,21 +91,35 @@ if _HAVE_TRITON:
                 ok = row_ok & (jj >= 0) & (jj < W)
                 src = ii * W + jj
                 if HAS_K:
-                    kt = tl.load(Kt + bn * D * HW + d[None, :] * HW + src[:, None], mask=ok[:, None] & dm[None, :], other=0.0)
+                    kt = tl.load(
+                        Kt + bn * D * HW + d[None, :] * HW + src[:, None],
+                        mask=ok[:, None] & dm[None, :],
+                        other=0.0,
+                    )
                     kt = kt.to(tl.float32)
                 if HAS_REL:
-                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(tl.float32)
+                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(
+                        tl.float32
+                    )
                 s = _logit(q, kt, rr_t, rc_u, ok, HAS_K, HAS_REL, MASK)
                 m_new = tl.maximum(m, s)
                 alpha = tl.exp(m - m_new)
                 pe = tl.exp(s - m_new)
-                vt = tl.load(V + bn * DV * HW + e[None, :] * HW + src[:, None], mask=ok[:, None] & em[None, :], other=0.0)
+                vt = tl.load(
+                    V + bn * DV * HW + e[None, :] * HW + src[:, None],
+                    mask=ok[:, None] & em[None, :],
+                    other=0.0,
+                )
                 acc = acc * alpha[:, None] + pe[:, None] * vt.to(tl.float32)
-                l = l * alpha + pe
+                denom = denom * alpha + pe
                 m = m_new
-        out = acc / l[:, None]
-        tl.store(O + bn * DV * HW + e[None, :] * HW + p[:, None], out.to(O.dtype.element_ty), mask=pin[:, None] & em[None, :])
-        tl.store(LSE + bn * HW + p, m + tl.log(l), mask=pin)
+        out = acc / denom[:, None]
+        tl.store(
+            Out + bn * DV * HW + e[None, :] * HW + p[:, None],
+            out.to(Out.dtype.element_ty),
+            mask=pin[:, None] & em[None, :],
+        )
+        tl.store(LSE + bn * HW + p, m + tl.log(denom), mask=pin)
 
     @triton.jit
     def _bwd_kernel(
@@ -124,9 +140,13 @@ if _HAVE_TRITON:
         dm = d < D
         e = tl.arange(0, BLOCK_DV)
         em = e < DV
-        q = tl.load(Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0)
+        q = tl.load(
+            Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0
+        )
         q = q.to(tl.float32)
-        g = tl.load(G + bn * DV * HW + e[None, :] * HW + p[:, None], mask=pin[:, None] & em[None, :], other=0.0)
+        g = tl.load(
+            G + bn * DV * HW + e[None, :] * HW + p[:, None], mask=pin[:, None] & em[None, :], other=0.0
+        )
         g = g.to(tl.float32)
         lse = tl.load(LSE + bn * HW + p, mask=pin, other=0.0)
         delta = tl.load(DELTA + bn * HW + p, mask=pin, other=0.0)
@@ -145,13 +165,23 @@ if _HAVE_TRITON:
                 ok = row_ok & (jj >= 0) & (jj < W)
                 src = ii * W + jj
                 if HAS_K:
-                    kt = tl.load(Kt + bn * D * HW + d[None, :] * HW + src[:, None], mask=ok[:, None] & dm[None, :], other=0.0)
+                    kt = tl.load(
+                        Kt + bn * D * HW + d[None, :] * HW + src[:, None],
+                        mask=ok[:, None] & dm[None, :],
+                        other=0.0,
+                    )
                     kt = kt.to(tl.float32)
                 if HAS_REL:
-                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(tl.float32)
+                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(
+                        tl.float32
+                    )
                 s = _logit(q, kt, rr_t, rc_u, ok, HAS_K, HAS_REL, MASK)
                 pr = tl.where(pin, tl.exp(s - lse), 0.0)
-                vt = tl.load(V + bn * DV * HW + e[None, :] * HW + src[:, None], mask=ok[:, None] & em[None, :], other=0.0)
+                vt = tl.load(
+                    V + bn * DV * HW + e[None, :] * HW + src[:, None],
+                    mask=ok[:, None] & em[None, :],
+                    other=0.0,
+                )
                 dp = tl.sum(g * vt.to(tl.float32), 1)
                 ds = pr * (dp - delta)
                 dq += ds[:, None] * (kt + rr_t[None, :] + rc_u[None, :])
@@ -159,9 +189,17 @@ if _HAVE_TRITON:
                     rs += ds
                     cptr = CS + (bn * K + u) * HW + p
                     tl.store(cptr, tl.load(cptr, mask=pin, other=0.0) + ds, mask=pin)
-                tl.atomic_add(DVv + bn * DV * HW + e[None, :] * HW + src[:, None], pr[:, None] * g, mask=ok[:, None] & em[None, :])
+                tl.atomic_add(
+                    DVv + bn * DV * HW + e[None, :] * HW + src[:, None],
+                    pr[:, None] * g,
+                    mask=ok[:, None] & em[None, :],
+                )
                 if HAS_K:
-                    tl.atomic_add(DK + bn * D * HW + d[None, :] * HW + src[:, None], ds[:, None] * q, mask=ok[:, None] & dm[None, :])
+                    tl.atomic_add(
+                        DK + bn * D * HW + d[None, :] * HW + src[:, None],
+                        ds[:, None] * q,
+                        mask=ok[:, None] & dm[None, :],
+                    )
             if HAS_REL:
                 tl.store(RS + (bn * K + t) * HW + p, rs, mask=pin)
         tl.store(DQ + bn * D * HW + d[None, :] * HW + p[:, None], dq, mask=pin[:, None] & dm[None, :])
@@ -192,7 +230,11 @@ class _TritonAttention(torch.autograd.Function):
                           HAS_REL=has_rel, MASK=mask_border, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
         ctx.save_for_backward(q, kc, v, rr, rc, out, lse)
         ctx.meta = (kernel_size, has_k, has_rel, mask_border, dr)
-        ctx.dtypes = (k.dtype if has_k else None, rel_row.dtype if has_rel else None, rel_col.dtype if has_rel else None)
+        ctx.dtypes = (
+            k.dtype if has_k else None,
+            rel_row.dtype if has_rel else None,
+            rel_col.dtype if has_rel else None,
+        )
         return out
 
     @staticmethod

@@ -86,7 +86,9 @@ class LayerBenchOptions:
         except RuntimeError:
             raise SasaError(f"unknown device {self.device!r} (choose from cpu, cuda, cuda:N)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SasaError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+            raise SasaError(
+                f"--device {self.device}: CUDA is not available on this machine; use --device cpu"
+            )
         if dev.type not in ("cpu", "cuda"):
             raise SasaError(f"unsupported device {self.device!r}")
         return dev
