@@ -127,11 +127,11 @@ def test_flops_table_output() -> None:
 
 
 def test_flops_overrides_reach_the_model() -> None:
-    r = run("flops", "--model", "sasa_resnet26", "--pos", "none", "--logits", "qr", "--attention-groups", "3,4",
+    r = run("flops", "--model", "sasa_resnet26", "--pos", "absolute", "--logits", "qr", "--attention-groups", "3,4",
             "--width", "0.5", "--num-classes", "10", "--image-size", "64", "--format", "json")
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
-    expected = n_params("sasa_resnet26", pos="none", logits="qr", attention_groups="3,4", width=0.5, num_classes=10)
+    expected = n_params("sasa_resnet26", pos="absolute", logits="qr", attention_groups="3,4", width=0.5, num_classes=10)
     assert row["params"] == expected
     assert row["image_size"] == 64
 

@@ -215,3 +215,97 @@ def test_bad_stems_raise_sasa_error() -> None:
         make_spec("sasa_resnet50", stem_mixtures=0)
     with pytest.raises(SasaError):
         make_stem("attention", 3, 16)(torch.randn(1, 3, 6, 8))  # not a multiple of the block
+
+
+# The runtime paths (fused CPU kernel, pure-PyTorch block layout) against the paper's formulation,
+# which the FLOP counters see; and the FLOP-counting switch.
+
+RUNTIME_CASES = [
+    ("attention", 16, 4, 4),
+    ("attention", 12, 2, 3),
+    ("attention", 8, 4, 1),
+    ("attention-plain", 16, 4, 4),
+    ("attention-conv-values", 16, 4, 4),
+]
+
+
+def _paths(stem: AttentionStem) -> list:
+    from sasa_bench.kernels import stem_cpu
+
+    paths = [stem._attend_torch]
+    if stem_cpu.is_available() and stem_cpu.load():
+        paths.append(stem._attend_kernel)
+    return paths
+
+
+def _grads(fn, stem: AttentionStem, x: torch.Tensor, g: torch.Tensor | None = None):  # noqa: ANN001, ANN202
+    y = fn(x)
+    g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y) if g is None else g
+    params = [x, *stem.parameters()]
+    grads = torch.autograd.grad((y * g).sum(), params, allow_unused=True)
+    return y, [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("kind", "cout", "heads", "mixtures"), RUNTIME_CASES)
+def test_runtime_paths_match_the_paper_formulation(kind: str, cout: int, heads: int, mixtures: int,
+                                                   dtype: torch.dtype) -> None:
+    stem = _stem(kind, cout, heads, mixtures).to(dtype)
+    x = torch.randn(2, 3, 8, 12, dtype=dtype, requires_grad=True)
+    ref, ref_grads = _grads(stem._attend_paper, stem, x)
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for fn in _paths(stem):
+        y, grads = _grads(fn, stem, x)
+        torch.testing.assert_close(y, ref, **tol)
+        names = ["input", *(n for n, _ in stem.named_parameters())]
+        for name, a, b in zip(names, grads, ref_grads, strict=True):
+            scale = b.abs().max().clamp_min(1.0)  # relative to the gradient's size
+            torch.testing.assert_close(a / scale, b / scale, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_attend_dispatches_to_the_kernel_or_torch_path() -> None:
+    stem = _stem("attention")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(stem.attend(x), stem._attend_paper(x), rtol=1e-9, atol=1e-10)
+
+
+def test_flop_counting_sees_the_paper_formulation() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sasa_bench.kernels.op import counting_flops
+
+    stem = make_stem("attention", 3, 16, heads=4, mixtures=4)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), counting_flops(), FlopCounterMode(display=False) as counter:
+        stem(x)
+    px = 8 * 8
+    convs = px * 3 * (16 + 16 + 16 * 4)  # q, k and the m = 4 value projections at full resolution
+    attention = px * 4 * 16 * (4 + 4 + 4)  # per head: q.k, q.r, weighted sum over the 16 block pixels
+    assert counter.get_total_flops() == 2 * (convs + attention)
+
+
+def test_mixture_folds_into_per_position_value_weights() -> None:
+    stem = _stem("attention")
+    w = stem.position_weights()  # [16, 3C, C_in]
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    v = F.conv2d(x, stem.value.weight)  # the m value projections
+    p = stem.mixture_weights().repeat(1, 2, 2)  # [m, H, W]
+    mixed = (v.view(1, 4, 16, 8, 8) * p[None, :, None]).sum(1)
+    wv = w[:, 32:].view(4, 4, 16, 3)  # [a, b, C, C_in]
+    for i in range(8):
+        for j in range(8):
+            torch.testing.assert_close(mixed[0, :, i, j], wv[i % 4, j % 4] @ x[0, :, i, j])
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_runtime_paths_run_under_bf16_autocast(kind: str) -> None:
+    stem = make_stem(kind, 3, 16)
+    x = torch.randn(2, 3, 16, 8)
+    ref = stem.attend(x).detach()
+    for fn in _paths(stem):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        y.float().sum().backward()
+        torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in stem.parameters())

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sasa_bench.cli.options import ModelOptions, model_options
@@ -36,10 +35,10 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         # Auto names like "x[width=0.25]" would be read as rich markup by the table.
-        out.append({**r, "model": escape(r["model"]), "params_m": r["params"] / 1e6})
+        out.append({**r, "model": r["model"], "params_m": r["params"] / 1e6})
         if r["vs_model"] is not None:
             base = {k[3:]: v for k, v in r.items() if k.startswith("vs_") and k != "vs_model"}
-            base.update(model=escape(f"  vs {r['vs_model']}"), params_m=base["params"] / 1e6, time_ratio=1.0, throughput_ratio=1.0)
+            base.update(model=f"  vs {r['vs_model']}", params_m=base["params"] / 1e6, time_ratio=1.0, throughput_ratio=1.0)
             out.append(base)
     return out
 

@@ -14,14 +14,28 @@ embedding width = stem width, no ReLU between the BatchNorm and the max-pool (th
 only BN and the pool). Table 7's alternatives: ``values="plain"`` (v = W_V x) and
 ``values="conv"`` (v = a 3x3 "same" convolution of the input, our reading of "spatial
 convolution for the values").
+
+FLOPs vs runtime: the FLOP count (``sasa_bench.kernels.op.counting_flops()``) follows the paper's
+formulation, which :meth:`AttentionStem._attend_paper` runs verbatim: m full-resolution value
+projections W_V^m x then their mixture, and matmul-based block attention. Outside counting the
+stem runs an algebraically equal, cheaper formulation: the mixture is folded into 16 effective
+per-position matrices W_eff(a, b) = sum_m p(a, b, m) W_V^m (one C-channel value map instead of
+m C), q, k and the values come from one stacked per-position projection, and on the CPU the whole
+block attention runs in a fused C++ kernel (:mod:`sasa_bench.kernels.stem_cpu`, forward and a
+hand-written backward, one pass per 4x4 block) -- or, without a compiler / on other devices, in
+pure PyTorch on a ``pixel_unshuffle`` block layout (:meth:`AttentionStem._attend_torch`). All
+three agree to rounding (tests/test_stems.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sasa_bench.errors import SasaError
+from sasa_bench.kernels import stem_cpu
+from sasa_bench.kernels.op import is_counting
 from sasa_bench.layers.positional import split_head_dim
 
 STEM_CHOICES = ("conv", "attention", "attention-plain", "attention-conv-values")
@@ -118,10 +132,22 @@ class AttentionStem(nn.Module):
         return torch.cat([row, col], dim=-1).reshape(n, n, self.head_dim)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The stem's attention before BN and pooling: [B, C_in, H, W] -> [B, C_out, H, W]."""
-        b, _, h, w = x.shape
+        """The stem's attention before BN and pooling: [B, C_in, H, W] -> [B, C_out, H, W].
+
+        While FLOPs are counted, the paper's formulation (:meth:`_attend_paper`); otherwise the
+        fused CPU kernel where it is available, else :meth:`_attend_torch` (same math)."""
+        _, _, h, w = x.shape
         if h % BLOCK or w % BLOCK:
             raise SasaError(f"the attention stem needs an image size divisible by {BLOCK}, got {h}x{w}")
+        if is_counting():
+            return self._attend_paper(x)
+        if x.device.type == "cpu" and stem_cpu.is_available() and stem_cpu.load():
+            return self._attend_kernel(x)
+        return self._attend_torch(x)
+
+    def _attend_paper(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's formulation, op for op (what the FLOP counters see)."""
+        _, _, h, w = x.shape
         q = _to_blocks(self.query(x), self.heads)
         k = _to_blocks(self.key(x), self.heads)
         v = _to_blocks(self._values(x), self.heads)
@@ -130,6 +156,50 @@ class AttentionStem(nn.Module):
         logits = logits + torch.matmul(q.unsqueeze(-2), rel.transpose(-1, -2)).squeeze(-2)
         out = torch.matmul(torch.softmax(logits, dim=-1), v)
         return _from_blocks(out, h, w)
+
+    def position_weights(self) -> torch.Tensor:
+        """Per block position (a, b) the stacked 1x1 projections [W_Q; W_K; W_eff(a, b)] as
+        [16, 3C, C_in], W_eff(a, b) = sum_m p(a, b, m) W_V^m (mixture) or W_V (plain); [16, 2C, C_in]
+        (no values) for ``values="conv"``."""
+        wq, wk = self.query.weight[:, :, 0, 0], self.key.weight[:, :, 0, 0]
+        n = BLOCK * BLOCK
+        mats = [wq.expand(n, -1, -1), wk.expand(n, -1, -1)]
+        if self.values == "mixture":
+            c, cin = wq.shape
+            wv = self.value.weight[:, :, 0, 0].view(self.mixtures, c, cin)
+            p = self.mixture_weights().reshape(self.mixtures, n)
+            mats.append(torch.einsum("mp,moc->poc", p, wv))
+        elif self.values == "plain":
+            mats.append(self.value.weight[:, :, 0, 0].expand(n, -1, -1))
+        return torch.cat(mats, dim=1)
+
+    def _attend_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused CPU kernel (:mod:`sasa_bench.kernels.stem_cpu`)."""
+        vmap = self.value(x) if self.values == "conv" else None
+        y = stem_cpu.stem_block_attention(x, self.position_weights(), self._relative_table(), vmap, self.heads)
+        return y if x.dtype in (torch.float32, torch.float64) else y.to(x.dtype)
+
+    def _attend_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch, on the ``pixel_unshuffle`` block layout with one stacked projection."""
+        b, cin, h, w = x.shape
+        n, d = self.heads, self.head_dim
+        hb, wb = h // BLOCK, w // BLOCK
+        nb, nn_ = b * hb * wb, BLOCK * BLOCK
+        xp = F.pixel_unshuffle(x, BLOCK).view(b, cin, nn_, hb * wb)
+        xp = xp.permute(2, 0, 3, 1).reshape(nn_, nb, cin)  # [16, blocks, C_in]
+        proj = torch.bmm(xp, self.position_weights().transpose(1, 2))  # [16, blocks, O]
+        proj = proj.view(nn_, nb, -1, n, d).permute(2, 1, 3, 0, 4)  # [q/k/v, blocks, N, 16, D]
+        q, k = proj[0].reshape(nb * n, nn_, d), proj[1].reshape(nb * n, nn_, d)
+        if self.values == "conv":
+            v = F.pixel_unshuffle(self.value(x), BLOCK).view(b, n, d, nn_, hb * wb).permute(0, 4, 1, 3, 2)
+        else:
+            v = proj[2]
+        v = v.reshape(nb * n, nn_, d)
+        rel = torch.einsum("gpd,pjd->gpj", q, self._relative_table().to(q.dtype))
+        logits = torch.baddbmm(rel, q, k.transpose(1, 2))
+        out = torch.bmm(torch.softmax(logits, dim=-1), v)  # [blocks * N, 16, D]
+        out = out.view(b, hb * wb, n, nn_, d).permute(0, 2, 4, 3, 1)  # [B, N, D, 16, blocks]
+        return F.pixel_shuffle(out.reshape(b, n * d * nn_, hb, wb), BLOCK)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.bn(self.attend(x)))

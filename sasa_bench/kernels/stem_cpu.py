@@ -1,0 +1,364 @@
+"""A fused C++ kernel for the attention stem's block attention (CPU), with a hand-written backward.
+
+One pass per 4x4 block of the image, everything in thread-local scratch (no full-resolution
+intermediate but the output): gather the block's pixels x [C_in, 16], project them with
+per-position weights (rows: q, k and, unless the values come from a precomputed map, the
+spatially aware values), then per head logits ``q_p . (k_j + R[p, j])``, a 16-way softmax and
+the weighted sum of values, written straight into ``y [B, C, H, W]``. Every inner loop runs along
+the 16 query positions of the block (one AVX-512 vector of fp32), the softmax included (a
+vectorisable Cephes-style ``expf``, ~1 ulp; fp64 uses ``std::exp``).
+Backward recomputes the block (cheap: 16x16 per head) and writes ``dx`` (and ``dv`` for a value
+map); the weight and relative-table gradients are reduced over per-thread accumulators.
+
+Built on first use with :func:`torch.utils.cpp_extension.load_inline` and cached in torch's
+extension directory under a name keyed by the source, this CPU's flags and the torch version
+(the same cache key as :mod:`sasa_bench.kernels.cpu_fused`, whose ``_cpu_tag`` it reuses). If no
+compiler is found or the build fails, one one-line warning is printed and ``is_available()``
+returns False from then on; callers then use their pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from types import ModuleType
+
+import torch
+
+from sasa_bench.kernels.cpu_fused import _cpu_tag
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// Layouts (p = query position in the block, j = key position, both 0..15 row-major in the 4x4 block;
+// every inner loop runs over p, 16 contiguous entries, so it is one plain vector operation):
+//   x [B,Ci,H,W]; Wt [O,Ci,16(p)] (O = 3C: q, k, v rows; 2C when v comes from vmap [B,C,H,W]);
+//   Rt [16(j),D,16(p)]: the relative table; y [B,C,H,W].
+//   Scratch: xb [Ci][16], proj [3C][16], P [16(j)][16(p)] (softmax over j, per column p).
+
+template <typename T> static inline T vexp(T v) { return std::exp(v); }
+template <> inline float vexp<float>(float v) {  // Cephes expf, vectorisable; arguments are <= 0 here
+  v = std::max(v, -87.0f);
+  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = v - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return e * s;
+}
+
+template <typename T>
+static inline void project(const T* x, const T* Wt, const T* vmap, T* xb, T* proj, int64_t b,
+                           int64_t Ci, int64_t C, int64_t O, int64_t HW, int64_t Wd, int64_t base) {
+  for (int64_t c = 0; c < Ci; ++c)
+    for (int a = 0; a < 4; ++a)
+      for (int e = 0; e < 4; ++e) xb[c * 16 + a * 4 + e] = x[(b * Ci + c) * HW + base + a * Wd + e];
+  for (int64_t o = 0; o < O; ++o) {
+    T acc[16];
+    for (int p = 0; p < 16; ++p) acc[p] = 0;
+    for (int64_t c = 0; c < Ci; ++c) {
+      const T* w = Wt + (o * Ci + c) * 16;
+      const T* xr = xb + c * 16;
+      for (int p = 0; p < 16; ++p) acc[p] += w[p] * xr[p];
+    }
+    for (int p = 0; p < 16; ++p) proj[o * 16 + p] = acc[p];
+  }
+  if (vmap != nullptr)
+    for (int64_t o = 0; o < C; ++o)
+      for (int a = 0; a < 4; ++a)
+        for (int e = 0; e < 4; ++e) proj[(2 * C + o) * 16 + a * 4 + e] = vmap[(b * C + o) * HW + base + a * Wd + e];
+}
+
+// P[j][p] = softmax_j(q_p . (k_j + R[j, :, p]))
+template <typename T>
+static inline void probs(const T* q, const T* k, const T* Rt, T* P, int64_t D) {
+  T mx[16], s[16];
+  for (int j = 0; j < 16; ++j) {
+    T row[16];
+    for (int p = 0; p < 16; ++p) row[p] = 0;
+    for (int64_t dd = 0; dd < D; ++dd) {
+      const T kv = k[dd * 16 + j];
+      const T* qr = q + dd * 16;
+      const T* rr = Rt + (j * D + dd) * 16;
+      for (int p = 0; p < 16; ++p) row[p] += qr[p] * (kv + rr[p]);
+    }
+    for (int p = 0; p < 16; ++p) {
+      P[j * 16 + p] = row[p];
+      mx[p] = j == 0 ? row[p] : std::max(mx[p], row[p]);
+    }
+  }
+  for (int p = 0; p < 16; ++p) s[p] = 0;
+  for (int j = 0; j < 16; ++j)
+    for (int p = 0; p < 16; ++p) {
+      const T e = vexp<T>(P[j * 16 + p] - mx[p]);
+      P[j * 16 + p] = e;
+      s[p] += e;
+    }
+  for (int p = 0; p < 16; ++p) s[p] = T(1) / s[p];
+  for (int j = 0; j < 16; ++j)
+    for (int p = 0; p < 16; ++p) P[j * 16 + p] *= s[p];
+}
+
+template <typename T>
+static void fwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, T* y, int64_t B, int64_t Ci,
+                     int64_t H, int64_t Wd, int64_t C, int64_t heads) {
+  const int64_t hb = H / 4, wb = Wd / 4, nblk = B * hb * wb, D = C / heads, HW = H * Wd;
+  const int64_t O = (vmap != nullptr ? 2 : 3) * C;
+  at::parallel_for(0, nblk, 8, [&](int64_t s, int64_t e) {
+    std::vector<T> xb(Ci * 16), proj(3 * C * 16), P(256);
+    for (int64_t blk = s; blk < e; ++blk) {
+      const int64_t b = blk / (hb * wb), r = blk % (hb * wb), base = (r / wb) * 4 * Wd + (r % wb) * 4;
+      project(x, Wt, vmap, xb.data(), proj.data(), b, Ci, C, O, HW, Wd, base);
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* q = proj.data() + h * D * 16;
+        const T* k = proj.data() + (C + h * D) * 16;
+        const T* v = proj.data() + (2 * C + h * D) * 16;
+        probs(q, k, Rt, P.data(), D);
+        for (int64_t dd = 0; dd < D; ++dd) {
+          T acc[16];
+          for (int p = 0; p < 16; ++p) acc[p] = 0;
+          for (int j = 0; j < 16; ++j) {
+            const T vv = v[dd * 16 + j];
+            for (int p = 0; p < 16; ++p) acc[p] += P[j * 16 + p] * vv;
+          }
+          T* yo = y + (b * C + h * D + dd) * HW + base;
+          for (int a = 0; a < 4; ++a)
+            for (int c = 0; c < 4; ++c) yo[a * Wd + c] = acc[a * 4 + c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void bwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, const T* gy, T* gx, T* gW, T* gRt,
+                     T* gv, int64_t B, int64_t Ci, int64_t H, int64_t Wd, int64_t C, int64_t heads) {
+  const int64_t hb = H / 4, wb = Wd / 4, nblk = B * hb * wb, D = C / heads, HW = H * Wd;
+  const int64_t O = (vmap != nullptr ? 2 : 3) * C;
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<T>> accW(nt, std::vector<T>(O * Ci * 16, T(0)));
+  std::vector<std::vector<T>> accR(nt, std::vector<T>(16 * D * 16, T(0)));
+  at::parallel_for(0, nblk, 8, [&](int64_t s, int64_t e) {
+    T* aW = accW[at::get_thread_num()].data();
+    T* aR = accR[at::get_thread_num()].data();
+    std::vector<T> xb(Ci * 16), proj(3 * C * 16), gp(3 * C * 16), g(C * 16), P(256), dS(256);
+    for (int64_t blk = s; blk < e; ++blk) {
+      const int64_t b = blk / (hb * wb), r = blk % (hb * wb), base = (r / wb) * 4 * Wd + (r % wb) * 4;
+      project(x, Wt, vmap, xb.data(), proj.data(), b, Ci, C, O, HW, Wd, base);
+      for (int64_t o = 0; o < C; ++o)
+        for (int a = 0; a < 4; ++a)
+          for (int c = 0; c < 4; ++c) g[o * 16 + a * 4 + c] = gy[(b * C + o) * HW + base + a * Wd + c];
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* q = proj.data() + h * D * 16;
+        const T* k = proj.data() + (C + h * D) * 16;
+        const T* v = proj.data() + (2 * C + h * D) * 16;
+        const T* gh = g.data() + h * D * 16;
+        T* gq = gp.data() + h * D * 16;
+        T* gk = gp.data() + (C + h * D) * 16;
+        T* gvv = gp.data() + (2 * C + h * D) * 16;
+        probs(q, k, Rt, P.data(), D);
+        T dot[16];
+        for (int p = 0; p < 16; ++p) dot[p] = 0;
+        for (int j = 0; j < 16; ++j) {  // dS[j][p] holds dP first
+          T dP[16];
+          for (int p = 0; p < 16; ++p) dP[p] = 0;
+          for (int64_t dd = 0; dd < D; ++dd) {
+            const T vv = v[dd * 16 + j];
+            const T* gr = gh + dd * 16;
+            T sv = 0;
+            for (int p = 0; p < 16; ++p) {
+              dP[p] += gr[p] * vv;
+              sv += P[j * 16 + p] * gr[p];
+            }
+            gvv[dd * 16 + j] = sv;
+          }
+          for (int p = 0; p < 16; ++p) {
+            dS[j * 16 + p] = dP[p];
+            dot[p] += P[j * 16 + p] * dP[p];
+          }
+        }
+        for (int j = 0; j < 16; ++j)
+          for (int p = 0; p < 16; ++p) dS[j * 16 + p] = P[j * 16 + p] * (dS[j * 16 + p] - dot[p]);
+        for (int64_t dd = 0; dd < D; ++dd) {
+          const T* qr = q + dd * 16;
+          T acc[16];
+          for (int p = 0; p < 16; ++p) acc[p] = 0;
+          for (int j = 0; j < 16; ++j) {
+            const T kv = k[dd * 16 + j];
+            const T* rr = Rt + (j * D + dd) * 16;
+            T* grr = aR + (j * D + dd) * 16;
+            T sk = 0;
+            for (int p = 0; p < 16; ++p) {
+              const T ds = dS[j * 16 + p];
+              acc[p] += ds * (kv + rr[p]);
+              grr[p] += ds * qr[p];
+              sk += ds * qr[p];
+            }
+            gk[dd * 16 + j] = sk;
+          }
+          for (int p = 0; p < 16; ++p) gq[dd * 16 + p] = acc[p];
+        }
+      }
+      if (vmap != nullptr)
+        for (int64_t o = 0; o < C; ++o)
+          for (int a = 0; a < 4; ++a)
+            for (int c = 0; c < 4; ++c) gv[(b * C + o) * HW + base + a * Wd + c] = gp[(2 * C + o) * 16 + a * 4 + c];
+      for (int64_t c = 0; c < Ci; ++c) {
+        T acc[16];
+        for (int p = 0; p < 16; ++p) acc[p] = 0;
+        const T* xr = xb.data() + c * 16;
+        for (int64_t o = 0; o < O; ++o) {
+          const T* w = Wt + (o * Ci + c) * 16;
+          T* aw = aW + (o * Ci + c) * 16;
+          const T* go = gp.data() + o * 16;
+          for (int p = 0; p < 16; ++p) {
+            aw[p] += go[p] * xr[p];
+            acc[p] += w[p] * go[p];
+          }
+        }
+        T* gxo = gx + (b * Ci + c) * HW + base;
+        for (int a = 0; a < 4; ++a)
+          for (int e2 = 0; e2 < 4; ++e2) gxo[a * Wd + e2] = acc[a * 4 + e2];
+      }
+    }
+  });
+  for (int t = 0; t < nt; ++t) {
+    for (int64_t i = 0; i < O * Ci * 16; ++i) gW[i] += accW[t][i];
+    for (int64_t i = 0; i < 16 * D * 16; ++i) gRt[i] += accR[t][i];
+  }
+}
+
+torch::Tensor stem_forward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap, int64_t heads) {
+  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3), C = Rt.size(1) * heads;
+  auto y = torch::empty({B, C, H, Wd}, x.options());
+  const bool hv = vmap.numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stem_forward", [&] {
+    fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Rt.data_ptr<scalar_t>(),
+                       hv ? vmap.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, Ci, H, Wd, C, heads);
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
+                                         torch::Tensor gy, int64_t heads) {
+  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3), C = Rt.size(1) * heads;
+  const bool hv = vmap.numel() > 0;
+  auto gx = torch::empty_like(x);
+  auto gW = torch::zeros_like(W);
+  auto gRt = torch::zeros_like(Rt);
+  auto gv = hv ? torch::empty_like(vmap) : torch::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stem_backward", [&] {
+    bwd_impl<scalar_t>(x.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Rt.data_ptr<scalar_t>(),
+                       hv ? vmap.data_ptr<scalar_t>() : nullptr, gy.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                       gW.data_ptr<scalar_t>(), gRt.data_ptr<scalar_t>(), hv ? gv.data_ptr<scalar_t>() : nullptr,
+                       B, Ci, H, Wd, C, heads);
+  });
+  return {gx, gW, gRt, gv};
+}
+"""
+
+_DECLS = r"""
+#include <torch/extension.h>
+#include <vector>
+torch::Tensor stem_forward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap, int64_t heads);
+std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
+                                         torch::Tensor gy, int64_t heads);
+"""
+
+_EXT: ModuleType | None = None
+_FAILED: str | None = None
+
+
+def _load() -> ModuleType | None:
+    global _EXT, _FAILED
+    if _EXT is not None or _FAILED is not None:
+        return _EXT
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        _FAILED = f"no C++ compiler ({cxx}) found"
+    else:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            src_hash = hashlib.sha1(_SOURCE.encode()).hexdigest()[:8]
+            _EXT = load_inline(
+                name=f"sasa_stem_cpu_{src_hash}_{_cpu_tag()}",
+                cpp_sources=[_DECLS, _SOURCE],
+                functions=["stem_forward", "stem_backward"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as e:  # noqa: BLE001 - any build failure means "unavailable"
+            msg = str(e).strip()
+            _FAILED = f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"
+    if _FAILED is not None:
+        warnings.warn(f"sasa_bench: fused attention-stem kernel unavailable ({_FAILED}); "
+                      "using the PyTorch path", stacklevel=3)
+    return _EXT
+
+
+def is_available() -> bool:
+    """True if the kernel is built or (cheap probe, no build) a compiler is on PATH and no build failed."""
+    if _EXT is not None:
+        return True
+    return _FAILED is None and shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def load() -> bool:
+    """Build or load the kernel now (warns once on failure); True if it is usable."""
+    return _load() is not None
+
+
+class _StemBlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, rel_t, vmap, heads):  # noqa: ANN001, ANN205
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        xc = x.to(dtype).contiguous()
+        wc = weight.to(dtype).contiguous()
+        rc = rel_t.to(dtype).contiguous()
+        vc = vmap.to(dtype).contiguous() if vmap is not None else xc.new_empty(0)
+        ctx.save_for_backward(xc, wc, rc, vc)
+        ctx.heads = heads
+        ctx.dtypes = (x.dtype, weight.dtype, rel_t.dtype, vmap.dtype if vmap is not None else None)
+        return _load().stem_forward(xc, wc, rc, vc, heads)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        xc, wc, rc, vc = ctx.saved_tensors
+        x_dt, w_dt, r_dt, v_dt = ctx.dtypes
+        gx, gw, gr, gv = _load().stem_backward(xc, wc, rc, vc, gy.to(xc.dtype).contiguous(), ctx.heads)
+        return gx.to(x_dt), gw.to(w_dt), gr.to(r_dt), (gv.to(v_dt) if v_dt is not None else None), None
+
+
+def stem_block_attention(
+    x: torch.Tensor, weight: torch.Tensor, rel: torch.Tensor, vmap: torch.Tensor | None, heads: int
+) -> torch.Tensor:
+    """Block attention of the stem in one fused pass.
+
+    x [B, C_in, H, W] (H, W multiples of 4); weight [16, O, C_in]: per block position the stacked
+    query, key and (when ``vmap`` is None) value projections, O = 3C (2C with ``vmap``);
+    rel [16 (query), 16 (key), D]: the relative logit table, shared by the heads;
+    vmap [B, C, H, W] or None: precomputed values. Returns [B, C, H, W] in fp32 (fp64 for fp64
+    inputs; bf16/fp16 inputs are computed in fp32). Raises RuntimeError if the kernel is unavailable.
+    """
+    if _load() is None:
+        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {_FAILED}")
+    # the kernel's layouts put the query position last (one vector per row): [O, C_in, 16], [16, D, 16]
+    return _StemBlockAttention.apply(x, weight.permute(1, 2, 0), rel.permute(1, 2, 0), vmap, heads)
