@@ -282,7 +282,8 @@ def test_flop_counting_sees_the_paper_formulation() -> None:
     px = 8 * 8
     convs = px * 3 * (16 + 16 + 16 * 4)  # q, k and the m = 4 value projections at full resolution
     attention = px * 4 * 16 * (4 + 4 + 4)  # per head: q.k, q.r, weighted sum over the 16 block pixels
-    assert counter.get_total_flops() == 2 * (convs + attention)
+    mixture_logits = 16 * 16 * 4  # (emb_row + emb_col) . nu_m: 16 positions, E = 16, m = 4
+    assert counter.get_total_flops() == 2 * (convs + attention + mixture_logits)
 
 
 def test_mixture_folds_into_per_position_value_weights() -> None:
