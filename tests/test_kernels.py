@@ -159,8 +159,8 @@ def test_flops_do_not_depend_on_backend(backend):  # noqa: ANN001
 
 
 def test_cpu_fused_falls_back_with_one_warning(monkeypatch):  # noqa: ANN001
-    monkeypatch.setattr(cpu_fused_mod, "_EXT", None)
-    monkeypatch.setattr(cpu_fused_mod, "_FAILED", None)
+    monkeypatch.setattr(cpu_fused_mod.EXTENSION, "module", None)
+    monkeypatch.setattr(cpu_fused_mod.EXTENSION, "failed", None)
     monkeypatch.setenv("CXX", os.path.join(os.sep, "nonexistent", "c++"))
     assert not cpu_fused_mod.is_available()
     with warnings.catch_warnings(record=True) as caught:

@@ -17,80 +17,30 @@ computed in fp32 (outputs and gradients are cast back); float64 runs in float64.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shutil
-import time
-import warnings
 from types import ModuleType
 
 import torch
 
 from sasa_bench.kernels._cpu_source import CPP_DECLS, CPP_SOURCE
+from sasa_bench.kernels.cpp_build import InlineExtension
 
-_EXT: ModuleType | None = None
-_FAILED: str | None = None
-BUILD_SECONDS: float | None = None  # wall time of the last load (build or cache hit)
-
-
-def _cpu_tag() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1((flags + torch.__version__).encode()).hexdigest()[:10]
+EXTENSION = InlineExtension(
+    "sasa_cpu_fused", CPP_DECLS, CPP_SOURCE, ["sasa_forward", "sasa_backward"], fallback="backend 'shift'"
+)
 
 
 def _load() -> ModuleType | None:
-    global _EXT, _FAILED, BUILD_SECONDS
-    if _EXT is not None or _FAILED is not None:
-        return _EXT
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        _FAILED = f"no C++ compiler ({cxx}) found"
-        warnings.warn(f"sasa_bench: backend 'cpu_fused' unavailable: {_FAILED}", stacklevel=3)
-        return None
-    t0 = time.perf_counter()
-    try:
-        # importing cpp_extension logs "No CUDA runtime is found" on CPU-only machines: not ours
-        cpp_log = logging.getLogger("torch.utils.cpp_extension")
-        level = cpp_log.level
-        cpp_log.setLevel(logging.ERROR)
-        try:
-            from torch.utils.cpp_extension import load_inline
-        finally:
-            cpp_log.setLevel(level)
-
-        src_hash = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()[:8]
-        _EXT = load_inline(
-            name=f"sasa_cpu_fused_{src_hash}_{_cpu_tag()}",
-            cpp_sources=[CPP_DECLS, CPP_SOURCE],
-            functions=["sasa_forward", "sasa_backward"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # noqa: BLE001 - any build failure means "unavailable"
-        _FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        warnings.warn(f"sasa_bench: backend 'cpu_fused' unavailable: {_FAILED}", stacklevel=3)
-        return None
-    BUILD_SECONDS = time.perf_counter() - t0
-    return _EXT
+    return EXTENSION.load()
 
 
 def is_available() -> bool:
     """Cheap probe (no build): a C++ compiler is on PATH and no build has failed."""
-    if _EXT is not None:
-        return True
-    return _FAILED is None and shutil.which(os.environ.get("CXX", "c++")) is not None
+    return EXTENSION.is_available()
 
 
 def warm_up() -> float | None:
     """Build or load the operator now; returns the seconds it took (None if unavailable)."""
-    _load()
-    return BUILD_SECONDS if _EXT is not None else None
+    return EXTENSION.build_seconds if EXTENSION.load() is not None else None
 
 
 class _LocalAttentionCPU(torch.autograd.Function):

@@ -12,22 +12,18 @@ map); the weight and relative-table gradients are reduced over per-thread accumu
 
 Built on first use with :func:`torch.utils.cpp_extension.load_inline` and cached in torch's
 extension directory under a name keyed by the source, this CPU's flags and the torch version
-(the same cache key as :mod:`sasa_bench.kernels.cpu_fused`, whose ``_cpu_tag`` it reuses). If no
+(keyed like :mod:`sasa_bench.kernels.cpu_fused`, through :mod:`sasa_bench.kernels.cpp_build`). If no
 compiler is found or the build fails, one one-line warning is printed and ``is_available()``
 returns False from then on; callers then use their pure-PyTorch path.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import warnings
 from types import ModuleType
 
 import torch
 
-from sasa_bench.kernels.cpu_fused import _cpu_tag
+from sasa_bench.kernels.cpp_build import InlineExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -281,44 +277,19 @@ std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch
                                          torch::Tensor gy, int64_t heads);
 """
 
-_EXT: ModuleType | None = None
-_FAILED: str | None = None
+EXTENSION = InlineExtension(
+    "sasa_stem_cpu", _DECLS, _SOURCE, ["stem_forward", "stem_backward"],
+    fallback="the PyTorch attention-stem path",
+)
 
 
 def _load() -> ModuleType | None:
-    global _EXT, _FAILED
-    if _EXT is not None or _FAILED is not None:
-        return _EXT
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        _FAILED = f"no C++ compiler ({cxx}) found"
-    else:
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            src_hash = hashlib.sha1(_SOURCE.encode()).hexdigest()[:8]
-            _EXT = load_inline(
-                name=f"sasa_stem_cpu_{src_hash}_{_cpu_tag()}",
-                cpp_sources=[_DECLS, _SOURCE],
-                functions=["stem_forward", "stem_backward"],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as e:  # noqa: BLE001 - any build failure means "unavailable"
-            msg = str(e).strip()
-            _FAILED = f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"
-    if _FAILED is not None:
-        warnings.warn(f"sasa_bench: fused attention-stem kernel unavailable ({_FAILED}); "
-                      "using the PyTorch path", stacklevel=3)
-    return _EXT
+    return EXTENSION.load()
 
 
 def is_available() -> bool:
     """True if the kernel is built or (cheap probe, no build) a compiler is on PATH and no build failed."""
-    if _EXT is not None:
-        return True
-    return _FAILED is None and shutil.which(os.environ.get("CXX", "c++")) is not None
+    return EXTENSION.is_available()
 
 
 def load() -> bool:
@@ -359,6 +330,6 @@ def stem_block_attention(
     inputs; bf16/fp16 inputs are computed in fp32). Raises RuntimeError if the kernel is unavailable.
     """
     if _load() is None:
-        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {_FAILED}")
+        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
     # the kernel's layouts put the query position last (one vector per row): [O, C_in, 16], [16, D, 16]
     return _StemBlockAttention.apply(x, weight.permute(1, 2, 0), rel.permute(1, 2, 0), vmap, heads)
