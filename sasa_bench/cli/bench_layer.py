@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sasa_bench.cli.output import check_format, emit, err_console
+from sasa_bench.cli.output import check_format, emit, step_progress
 from sasa_bench.errors import SasaError
 from sasa_bench.measure.layer_bench import LayerBenchOptions, measure_layers
 
@@ -79,19 +78,7 @@ def bench_layer(
         memory=memory,
     )
     opts.validate()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("building backends…", total=None)
-
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=message, completed=done, total=total)
-
+    with step_progress("building backends…") as progress:
         rows = measure_layers(opts, progress=progress)
     if fmt == "json":
         emit(rows, fmt)

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sasa_bench.cli.options import ModelOptions, model_options
-from sasa_bench.cli.output import check_format, emit, err_console
+from sasa_bench.cli.output import check_format, emit, err_console, step_progress
 from sasa_bench.measure.latency import LatencyOptions, measure_latency, result_name
 from sasa_bench.spec import make_spec
 from sasa_bench.store import write_result
@@ -85,19 +84,7 @@ def latency(
     if vs is not None:
         vs_spec = make_spec(vs, **{k: overrides.get(k) for k in ("image_size", "num_classes", "backend")})
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("preparing…", total=None)
-
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=message, completed=done, total=total)
-
+    with step_progress("preparing…") as progress:
         rows = measure_latency(specs, opts, vs=vs_spec, progress=progress)
 
     if save:

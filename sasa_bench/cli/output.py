@@ -6,7 +6,8 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -19,6 +20,22 @@ FORMATS = ("table", "json", "csv")
 
 # stderr console for logs and progress, so stdout carries only data.
 err_console = Console(stderr=True)
+
+
+@contextmanager
+def step_progress(first: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient progress bar on stderr; yields the ``progress(message, done, total)`` callback
+    that the measurement APIs (latency, bench-layer) report through."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(first, total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=escape(message), completed=done, total=total)
+
+        yield progress
 
 
 def check_format(fmt: str) -> str:

@@ -249,25 +249,16 @@ def train_unit(study: Study, unit: Unit, opts: RunOptions) -> dict[str, Any]:
 def env_info(device: str = "auto") -> dict[str, Any]:
     import torch
 
+    from sasa_bench.measure.latency import device_name
+
     gpu = None
     if device != "cpu" and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
     return {
-        "cpu": cpu_name(),
+        "cpu": device_name(torch.device("cpu")),
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "threads": torch.get_num_threads(),
     }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
