@@ -84,6 +84,8 @@ def _emulate_two_ranks(cfg_file: Path, steps: int) -> dict[str, torch.Tensor]:
         opt.zero_grad()
         for h in (slice(0, 32), slice(32, 64)):
             (F.cross_entropy(model(x[h]), y[h]) / 2).backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
     return model.state_dict()

@@ -37,6 +37,7 @@ def train(
     weight_decay: Annotated[float | None, _opt("Weight decay (not on BN/bias).")] = None,
     momentum: Annotated[float | None, _opt("SGD (Nesterov) momentum.")] = None,
     label_smoothing: Annotated[float | None, _opt("Label smoothing.")] = None,
+    grad_clip: Annotated[float | None, _opt("Clip the gradient norm to this (0 = off).")] = None,
     warmup_epochs: Annotated[float | None, _opt("Linear warm-up epochs before the cosine decay.")] = None,
     ema_decay: Annotated[float | None, _opt("EMA decay of the weights (0 = off; evaluated when on).")] = None,
     bn_momentum: Annotated[float | None, _opt("BatchNorm momentum, PyTorch convention (paper: 1e-4 = TF decay 0.9999).")] = None,
@@ -65,7 +66,8 @@ def train(
     overrides = {
         "data": data, "data_dir": str(data_dir) if data_dir else None, "holdout": holdout, "epochs": epochs,
         "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "momentum": momentum, "label_smoothing": label_smoothing, "warmup_epochs": warmup_epochs,
+        "momentum": momentum, "label_smoothing": label_smoothing, "grad_clip": grad_clip,
+        "warmup_epochs": warmup_epochs,
         "ema_decay": ema_decay, "bn_momentum": bn_momentum, "precision": precision,
         "channels_last": channels_last, "compile": compile, "workers": workers, "threads": threads, "seed": seed,
         "deterministic": deterministic, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
