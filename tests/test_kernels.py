@@ -110,6 +110,22 @@ def test_noncontiguous_inputs(backend, mask):  # noqa: ANN001
 
 
 @pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channel_slices_of_a_fused_projection(backend, batch):  # noqa: ANN001
+    """q, k, v as channel slices of one [B, 3C, H, W] tensor (the layer's fused q/k/v conv):
+    batch-strided, read in place by cpu_fused."""
+    n, d, h, w = 2, 4, 6, 9
+    qkv = torch.randn(batch, 3 * n * d, h, w, dtype=torch.float64, requires_grad=True)
+    q, k, v = (t.view(batch, n, d, h, w) for t in qkv.split(n * d, dim=1))
+    rr = torch.randn(5, d // 2, dtype=torch.float64, requires_grad=True)
+    rc = torch.randn(5, d - d // 2, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(batch, n, d, h, w, dtype=torch.float64)
+    want = _run(local_attention_reference, (q, k, v, rr, rc, 5, True), grad)
+    got = _run(all_backends()[backend].fn, (q, k, v, rr, rc, 5, True), grad)
+    _assert_close(got, want, rel=1e-10)
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_expanded_keys_and_bf16(backend):  # noqa: ANN001
     """Absolute-position keys arrive as an expanded view; bf16 runs (computed in fp32)."""
     q = torch.randn(2, 2, 4, 6, 6)

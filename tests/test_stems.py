@@ -173,6 +173,31 @@ def test_bn_then_4x4_max_pool(kind: str) -> None:
         assert not torch.allclose(stem(x), other)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_fused_inference_stem_equals_attend_bn_pool(kind: str, dtype: torch.dtype) -> None:
+    from sasa_bench.kernels import stem_cpu
+
+    if not (stem_cpu.is_available() and stem_cpu.load()):
+        pytest.skip("no C++ compiler: the fused stem kernel is not built")
+    stem = _stem(kind).to(dtype).eval()
+    with torch.no_grad():
+        stem.bn.weight.copy_(torch.randn(16))  # negative scales: the max must follow the affine
+        stem.bn.bias.copy_(torch.randn(16))
+        stem.bn.running_mean.copy_(torch.randn(16))
+        stem.bn.running_var.copy_(torch.rand(16) + 0.5)
+    x = torch.randn(2, 3, 12, 8, dtype=dtype)
+    expected = stem.pool(stem.bn(stem._attend_paper(x))).detach()  # grad enabled: the unfused path
+    with torch.no_grad():
+        assert stem._fused_inference_ok(x)
+        fused = stem(x)
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fused, expected, **tol)
+    stem.train()
+    with torch.no_grad():  # training-mode BN needs batch statistics of the full map: not fused
+        assert not stem._fused_inference_ok(x)
+
+
 @pytest.mark.parametrize("kind", ["conv", *VARIANTS])
 def test_stems_take_224_to_56(kind: str) -> None:
     stem = make_stem(kind, 3, 64)

@@ -482,13 +482,27 @@ const T* ptr_or_null(const torch::Tensor& t, bool use) {
   return use ? t.data_ptr<T>() : nullptr;
 }
 
+// True if all dims but the first are packed (a batch slice of a wider tensor, e.g. q of a
+// fused q/k/v projection): such inputs are read in place, without a .contiguous() copy.
+bool packed_after_batch(const torch::Tensor& x) {
+  int64_t expect = 1;
+  for (int64_t d = x.dim() - 1; d >= 1; --d) {
+    if (x.size(d) != 1 && x.stride(d) != expect) return false;
+    expect *= x.size(d);
+  }
+  return x.stride(0) >= expect || x.size(0) == 1;
+}
+
 // [.., W] -> [.., Wpp] with the row at [r, r + W) and zeros around it; several tensors of one
 // dtype in a single parallel pass (one fork/join instead of one per tensor)
 std::vector<torch::Tensor> pad_cols(const std::vector<torch::Tensor>& xs, int64_t r, int64_t Wpp) {
   std::vector<torch::Tensor> srcs, outs;
-  std::vector<int64_t> starts{0};
+  std::vector<int64_t> starts{0}, rows_per_b, stride_b;
   for (const auto& x : xs) {
-    auto xc = x.contiguous();
+    auto xc = packed_after_batch(x) ? x : x.contiguous();
+    const int64_t per_b = xc.size(1) * xc.size(2) * xc.size(3);
+    rows_per_b.push_back(std::max<int64_t>(per_b, 1));
+    stride_b.push_back(xc.size(0) == 1 ? per_b * xc.size(4) : xc.stride(0));
     srcs.push_back(xc);
     outs.push_back(torch::empty({xc.size(0), xc.size(1), xc.size(2), xc.size(3), Wpp}, xc.options()));
     starts.push_back(starts.back() + xc.numel() / std::max<int64_t>(xc.size(4), 1));
@@ -501,7 +515,8 @@ std::vector<torch::Tensor> pad_cols(const std::vector<torch::Tensor>& xs, int64_
       for (int64_t row = b; row < e; ++row) {
         while (row >= starts[which + 1]) ++which;
         const int64_t local = row - starts[which];
-        const scalar_t* src = srcs[which].data_ptr<scalar_t>() + local * W;
+        const int64_t bi = local / rows_per_b[which], rest = local % rows_per_b[which];
+        const scalar_t* src = srcs[which].data_ptr<scalar_t>() + bi * stride_b[which] + rest * W;
         scalar_t* o = outs[which].data_ptr<scalar_t>() + local * Wpp;
         std::fill(o, o + r, scalar_t(0));
         std::memcpy(o + r, src, sizeof(scalar_t) * W);
@@ -514,7 +529,7 @@ std::vector<torch::Tensor> pad_cols(const std::vector<torch::Tensor>& xs, int64_
 
 }  // namespace
 
-// q, k, v [B,N,*,H,W] contiguous; returns out, lse [B,N,H,W], and the padded qp, kp, vp
+// q, k, v [B,N,*,H,W], packed after the batch dim; returns out, lse [B,N,H,W], and the padded qp, kp, vp
 // (saved for backward)
 std::vector<torch::Tensor> sasa_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                         torch::Tensor rel_row, torch::Tensor rel_col,

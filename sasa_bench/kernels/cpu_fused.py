@@ -43,6 +43,17 @@ def warm_up() -> float | None:
     return EXTENSION.build_seconds if EXTENSION.load() is not None else None
 
 
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if every dim after the batch is packed (the kernel reads batch-strided
+    slices, such as q of a fused q/k/v projection, in place), else a contiguous copy."""
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != expect:
+            return t.contiguous()
+        expect *= size
+    return t if t.shape[0] == 1 or t.stride(0) >= expect else t.contiguous()
+
+
 class _LocalAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN205
@@ -50,9 +61,8 @@ class _LocalAttentionCPU(torch.autograd.Function):
         has_k, has_rel = k is not None, rel_row is not None and rel_col is not None
         dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
         empty = q.new_empty(0, dtype=dtype)
-        qc = q.to(dtype).contiguous()
-        kc = k.to(dtype).contiguous() if has_k else empty
-        vc = v.to(dtype).contiguous()
+        qc, vc = _packed(q.to(dtype)), _packed(v.to(dtype))
+        kc = _packed(k.to(dtype)) if has_k else empty
         rr = rel_row.to(dtype).contiguous() if has_rel else empty
         rc = rel_col.to(dtype).contiguous() if has_rel else empty
         out, lse, qp, kp, vp = ext.sasa_forward(qc, kc, vc, rr, rc, kernel_size, has_k, has_rel, mask_border)

@@ -113,7 +113,12 @@ static inline void probs(const T* q, const T* k, const T* Rt, T* P, int64_t D) {
 
 template <typename T>
 static void fwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, T* y, int64_t B, int64_t Ci,
-                     int64_t H, int64_t Wd, int64_t C, int64_t heads) {
+                     int64_t H, int64_t Wd, int64_t C, int64_t heads, const T* bn_scale = nullptr,
+                     const T* bn_shift = nullptr) {
+  // bn_scale != nullptr: inference epilogue. The 4x4 blocks are exactly the 4x4 max-pool's windows,
+  // so y [B,C,H/4,W/4] = max over the block of (bn_scale * attn + bn_shift): the full-resolution
+  // map is never written (it is 16x the pooled output, and BN + pool would read it twice more).
+  const bool pooled = bn_scale != nullptr;
   const int64_t hb = H / 4, wb = Wd / 4, nblk = B * hb * wb, D = C / heads, HW = H * Wd;
   const int64_t O = (vmap != nullptr ? 2 : 3) * C;
   at::parallel_for(0, nblk, 8, [&](int64_t s, int64_t e) {
@@ -133,7 +138,14 @@ static void fwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, T* y, 
             const T vv = v[dd * 16 + j];
             for (int p = 0; p < 16; ++p) acc[p] += P[j * 16 + p] * vv;
           }
-          T* yo = y + (b * C + h * D + dd) * HW + base;
+          const int64_t ch = h * D + dd;
+          if (pooled) {
+            T mx = acc[0] * bn_scale[ch] + bn_shift[ch];
+            for (int p = 1; p < 16; ++p) mx = std::max(mx, acc[p] * bn_scale[ch] + bn_shift[ch]);
+            y[(b * C + ch) * hb * wb + r] = mx;
+            continue;
+          }
+          T* yo = y + (b * C + ch) * HW + base;
           for (int a = 0; a < 4; ++a)
             for (int c = 0; c < 4; ++c) yo[a * Wd + c] = acc[a * 4 + c];
         }
@@ -251,6 +263,19 @@ torch::Tensor stem_forward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, t
   return y;
 }
 
+torch::Tensor stem_forward_pooled(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
+                                  int64_t heads, torch::Tensor bn_scale, torch::Tensor bn_shift) {
+  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3), C = Rt.size(1) * heads;
+  auto y = torch::empty({B, C, H / 4, Wd / 4}, x.options());
+  const bool hv = vmap.numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stem_forward_pooled", [&] {
+    fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Rt.data_ptr<scalar_t>(),
+                       hv ? vmap.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, Ci, H, Wd, C, heads,
+                       bn_scale.data_ptr<scalar_t>(), bn_shift.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
 std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
                                          torch::Tensor gy, int64_t heads) {
   const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3), C = Rt.size(1) * heads;
@@ -273,12 +298,14 @@ _DECLS = r"""
 #include <torch/extension.h>
 #include <vector>
 torch::Tensor stem_forward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap, int64_t heads);
+torch::Tensor stem_forward_pooled(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
+                                  int64_t heads, torch::Tensor bn_scale, torch::Tensor bn_shift);
 std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
                                          torch::Tensor gy, int64_t heads);
 """
 
 EXTENSION = InlineExtension(
-    "sasa_stem_cpu", _DECLS, _SOURCE, ["stem_forward", "stem_backward"],
+    "sasa_stem_cpu", _DECLS, _SOURCE, ["stem_forward", "stem_forward_pooled", "stem_backward"],
     fallback="the PyTorch attention-stem path",
 )
 
@@ -333,3 +360,26 @@ def stem_block_attention(
         raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
     # the kernel's layouts put the query position last (one vector per row): [O, C_in, 16], [16, D, 16]
     return _StemBlockAttention.apply(x, weight.permute(1, 2, 0), rel.permute(1, 2, 0), vmap, heads)
+
+
+def stem_block_attention_pooled(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rel: torch.Tensor,
+    vmap: torch.Tensor | None,
+    heads: int,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+) -> torch.Tensor:
+    """Inference only (no autograd): ``maxpool4x4(bn_scale * attn + bn_shift)`` in one pass.
+
+    Same arguments as :func:`stem_block_attention` plus the eval-mode BatchNorm folded to a
+    per-channel affine [C]; returns [B, C, H/4, W/4]. The full-resolution map is never written.
+    """
+    if _load() is None:
+        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    args = [t.to(dtype).contiguous() for t in (x, weight.permute(1, 2, 0), rel.permute(1, 2, 0))]
+    vc = vmap.to(dtype).contiguous() if vmap is not None else args[0].new_empty(0)
+    y = _load().stem_forward_pooled(*args, vc, heads, bn_scale.to(dtype).contiguous(), bn_shift.to(dtype).contiguous())
+    return y if x.dtype == dtype else y.to(x.dtype)

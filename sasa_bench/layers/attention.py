@@ -20,6 +20,7 @@ Choices where the paper is silent (each an option where it plausibly matters):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sasa_bench.errors import SasaError
@@ -92,17 +93,29 @@ class LocalSelfAttention2d(nn.Module):
         b, _, h, w = t.shape
         return t.view(b, self.heads, -1, h, w)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """q, k (None for ``logits="qr"``) and v from one 1x1 conv with the stacked weights.
+
+        One convolution reads x once (three read it three times); q, k, v are channel slices of
+        its output, which the fused CPU kernel reads in place. The parameters stay three
+        separate convs, so state dicts are unchanged; the FLOPs are the same."""
+        convs = [self.query, self.value] if self.key is None else [self.query, self.key, self.value]
+        qkv = F.conv2d(x, torch.cat([c.weight for c in convs]))
+        parts = qkv.split(self.out_channels, dim=1)
+        return parts[0], (parts[1] if self.key is not None else None), parts[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        q = self._heads(self.query(x))
+        q, k, v = self._project(x)
+        q = self._heads(q)
         if self.scale == "rsqrt":
             q = q * self.head_dim**-0.5
-        k = self._heads(self.key(x)) if self.key is not None else None
+        k = self._heads(k) if k is not None else None
         if self.pos == "absolute":
             p = absolute_sinusoid_2d(h, w, self.head_dim, x.device, q.dtype)
             p = p.expand(b, self.heads, -1, h, w)
             k = p if k is None else k + p
-        v = self._heads(self.value(x))
+        v = self._heads(v)
         rel_row, rel_col = self.rel() if self.rel is not None else (None, None)
         out = local_attention(
             q, k, v, rel_row, rel_col, self.kernel_size, self.border == "mask", self.backend

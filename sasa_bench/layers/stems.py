@@ -201,7 +201,29 @@ class AttentionStem(nn.Module):
         out = out.view(b, hb * wb, n, nn_, d).permute(0, 2, 4, 3, 1)  # [B, N, D, 16, blocks]
         return F.pixel_shuffle(out.reshape(b, n * d * nn_, hb, wb), BLOCK)
 
+    def _fused_inference_ok(self, x: torch.Tensor) -> bool:
+        """Eval-mode BN with running statistics, no autograd, CPU kernel available, not counting."""
+        bn = self.bn
+        return (
+            not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None
+            and x.device.type == "cpu" and not is_counting()
+            and x.shape[-2] % BLOCK == 0 and x.shape[-1] % BLOCK == 0 and stem_cpu.load()
+        )
+
+    def _forward_fused_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """BN (eval: a per-channel affine) and the 4x4 max-pool fused into the block kernel: the
+        blocks are the pool's windows, so each block yields one pooled value per channel."""
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        vmap = self.value(x) if self.values == "conv" else None
+        return stem_cpu.stem_block_attention_pooled(
+            x, self.position_weights(), self._relative_table(), vmap, self.heads, scale, shift
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_inference_ok(x):
+            return self._forward_fused_inference(x)
         return self.pool(self.bn(self.attend(x)))
 
 
