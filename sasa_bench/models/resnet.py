@@ -115,6 +115,17 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def zero_init_residual(model: nn.Module) -> None:
+    """Start every bottleneck's last BN at gamma = 0, so each block begins as the identity.
+
+    torchvision's ``zero_init_residual`` (Goyal et al., 2017): a training-time choice, off in the
+    paper recipe, that steadies the early steps of short, high-LR runs.
+    """
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+
+
 def torchvision_key(key: str) -> str:
     """Our state-dict key for a torchvision ResNet key (only the stem is nested differently)."""
     for name in ("conv1.", "bn1."):

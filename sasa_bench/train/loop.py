@@ -28,6 +28,7 @@ from torch import nn
 
 from sasa_bench.errors import SasaError
 from sasa_bench.models import build_model
+from sasa_bench.models.resnet import zero_init_residual
 from sasa_bench.spec import ModelSpec
 from sasa_bench.store import atomic_write_json, atomic_write_text
 from sasa_bench.train import checkpoint as ckpt
@@ -343,6 +344,8 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resum
 
     # model, optimiser, schedule, scaler, EMA
     model = build_model(spec)
+    if cfg.zero_init_residual:
+        zero_init_residual(model)
     if cfg.bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -69,6 +69,7 @@ class TrainConfig:
     decay_norm_and_bias: bool = False
     label_smoothing: float = 0.1
     grad_clip: float | None = None
+    zero_init_residual: bool = False  # torchvision's flag: each block's last BN starts at gamma = 0
     # model statistics
     ema_decay: float = 0.9999  # 0 = no EMA
     bn_momentum: float | None = 1e-4  # PyTorch convention; None = PyTorch's default 0.1
