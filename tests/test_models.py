@@ -270,3 +270,19 @@ def test_image_size_multiples_of_32_build() -> None:
         model = create_model("sasa_resnet26", image_size=size, num_classes=2, width=0.25, heads=2).eval()
         with torch.no_grad():
             assert model(torch.randn(1, 3, size, size)).shape == (1, 2)
+
+
+def test_zero_init_residual_makes_every_block_start_as_its_shortcut() -> None:
+    from sasa_bench.models.resnet import Bottleneck, zero_init_residual
+
+    model = create_model("sasa_resnet26", width=0.25, image_size=32, num_classes=10).eval()
+    zero_init_residual(model)
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert blocks and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.stem(x)
+        for b in blocks:  # residual branch contributes bn3's bias only (zero at init)
+            expected = torch.relu(h if b.downsample is None else b.downsample(h))
+            h = b(h)
+            torch.testing.assert_close(h, expected)

@@ -63,6 +63,7 @@ def _emulate_two_ranks(cfg_file: Path, steps: int) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
 
     from sasa_bench.models import build_model
+    from sasa_bench.models.resnet import zero_init_residual
     from sasa_bench.train import resolve_config
     from sasa_bench.train.data import DataConfig, load_data, train_steps
     from sasa_bench.train.loop import WarmupCosine, param_groups, schedule_steps
@@ -73,6 +74,8 @@ def _emulate_two_ranks(cfg_file: Path, steps: int) -> dict[str, torch.Tensor]:
     spec = tiny_spec()
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
+    if cfg.zero_init_residual:
+        zero_init_residual(model)
     train, _ = load_data(DataConfig("synthetic", None, 32, 10, synthetic_train=cfg.synthetic_train,
                                     synthetic_eval=cfg.synthetic_eval, augment=cfg.augment))
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, False), lr=cfg.peak_lr(),

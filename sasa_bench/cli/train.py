@@ -28,6 +28,7 @@ def train(
     data: Annotated[str | None, _opt("imagenet | fashion-mnist | synthetic. [recipe: paper=imagenet, short=fashion-mnist]")] = None,
     data_dir: Annotated[Path | None, _opt("Dataset root (imagenet: ROOT/train, ROOT/val; fashion-mnist: the IDX files).")] = None,
     holdout: Annotated[bool | None, _opt("Evaluate on a 4% held-out split of ImageNet train (fixed), as Tables 3 and 5.", _T, "--holdout/--no-holdout")] = None,
+    augment: Annotated[bool | None, _opt("Training augmentation (random crop + flip). [recipe: paper=on, short=off]", _T, "--augment/--no-augment")] = None,
     recipe: Annotated[str, _opt("paper (the appendix, ImageNet) | short (minutes on CPU, Fashion-MNIST).")] = "paper",
     config: Annotated[Path | None, _opt("TOML/YAML file of training settings (defaults; flags win).")] = None,
     epochs: Annotated[float | None, _opt("Epochs (the schedule's length).")] = None,
@@ -65,7 +66,7 @@ def train(
     from sasa_bench.train import resolve_config, run_training, spec_for
 
     overrides = {
-        "data": data, "data_dir": str(data_dir) if data_dir else None, "holdout": holdout, "epochs": epochs,
+        "data": data, "data_dir": str(data_dir) if data_dir else None, "holdout": holdout, "augment": augment, "epochs": epochs,
         "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "momentum": momentum, "label_smoothing": label_smoothing, "grad_clip": grad_clip,
         "zero_init_residual": zero_init_residual,
