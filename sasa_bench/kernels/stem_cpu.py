@@ -1,10 +1,14 @@
 """A fused C++ kernel for the attention stem's block attention (CPU), with a hand-written backward.
 
 One pass per 4x4 block of the image, everything in thread-local scratch (no full-resolution
-intermediate but the output): gather the block's pixels x [C_in, 16], project them with
-per-position weights (rows: q, k and, unless the values come from a precomputed map, the
-spatially aware values), then per head logits ``q_p . (k_j + R[p, j])``, a 16-way softmax and
-the weighted sum of values, written straight into ``y [B, C, H, W]``. Every inner loop runs along
+intermediate but the output): gather the block's pixels x [C_in, 16], project them to the
+spatially aware values with per-position weights (unless the values come from a precomputed
+map), then per head logits ``q_p . (k_j + R[p, j])``, a 16-way softmax and the weighted sum of
+values, written straight into ``y [B, C, H, W]`` -- or, at inference, through the eval-mode BN
+affine and the 4x4 max-pool into ``[B, C, H/4, W/4]`` (the blocks are the pool's windows).
+The forward never forms q or k: with C_in = 3 input channels, ``q_p . k_j = x_p^T (W_Q^T W_K) x_j``
+and ``q_p . R[p, j] = x_p . (W_Q^T R[p, j])``, so a logit costs 2 C_in multiply-adds instead of
+2 D (the algebra is exact; the rounding differs from the direct form by ~1e-7 relative). Every inner loop runs along
 the 16 query positions of the block (one AVX-512 vector of fp32), the softmax included (a
 vectorisable Cephes-style ``expf``, ~1 ulp; fp64 uses ``std::exp``).
 Backward recomputes the block (cheap: 16x16 per head) and writes ``dx`` (and ``dv`` for a value
@@ -81,24 +85,13 @@ static inline void project(const T* x, const T* Wt, const T* vmap, T* xb, T* pro
         for (int e = 0; e < 4; ++e) proj[(2 * C + o) * 16 + a * 4 + e] = vmap[(b * C + o) * HW + base + a * Wd + e];
 }
 
-// P[j][p] = softmax_j(q_p . (k_j + R[j, :, p]))
+// Softmax over j (rows of P [16(j)][16(p)]) for each column p, in place.
 template <typename T>
-static inline void probs(const T* q, const T* k, const T* Rt, T* P, int64_t D) {
+static inline void softmax_cols(T* P) {
   T mx[16], s[16];
-  for (int j = 0; j < 16; ++j) {
-    T row[16];
-    for (int p = 0; p < 16; ++p) row[p] = 0;
-    for (int64_t dd = 0; dd < D; ++dd) {
-      const T kv = k[dd * 16 + j];
-      const T* qr = q + dd * 16;
-      const T* rr = Rt + (j * D + dd) * 16;
-      for (int p = 0; p < 16; ++p) row[p] += qr[p] * (kv + rr[p]);
-    }
-    for (int p = 0; p < 16; ++p) {
-      P[j * 16 + p] = row[p];
-      mx[p] = j == 0 ? row[p] : std::max(mx[p], row[p]);
-    }
-  }
+  for (int p = 0; p < 16; ++p) mx[p] = P[p];
+  for (int j = 1; j < 16; ++j)
+    for (int p = 0; p < 16; ++p) mx[p] = std::max(mx[p], P[j * 16 + p]);
   for (int p = 0; p < 16; ++p) s[p] = 0;
   for (int j = 0; j < 16; ++j)
     for (int p = 0; p < 16; ++p) {
@@ -111,43 +104,157 @@ static inline void probs(const T* q, const T* k, const T* Rt, T* P, int64_t D) {
     for (int p = 0; p < 16; ++p) P[j * 16 + p] *= s[p];
 }
 
+// P[j][p] = softmax_j(q_p . (k_j + R[j, :, p])): the direct formulation (the backward's recompute)
 template <typename T>
-static void fwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, T* y, int64_t B, int64_t Ci,
-                     int64_t H, int64_t Wd, int64_t C, int64_t heads, const T* bn_scale = nullptr,
+static inline void probs(const T* q, const T* k, const T* Rt, T* P, int64_t D) {
+  for (int j = 0; j < 16; ++j) {
+    T row[16];
+    for (int p = 0; p < 16; ++p) row[p] = 0;
+    for (int64_t dd = 0; dd < D; ++dd) {
+      const T kv = k[dd * 16 + j];
+      const T* qr = q + dd * 16;
+      const T* rr = Rt + (j * D + dd) * 16;
+      for (int p = 0; p < 16; ++p) row[p] += qr[p] * (kv + rr[p]);
+    }
+    for (int p = 0; p < 16; ++p) P[j * 16 + p] = row[p];
+  }
+  softmax_cols(P);
+}
+
+// Forward with the logits folded through the input (C_in = 3 for an RGB stem): per head h,
+//   q_p . k_j = x_p^T A_h x_j,        A_h = W_Q,h^T W_K,h               [C_in, C_in]
+//   q_p . R[p, j] = x_p . G_h[j, :, p], G_h[j, :, p] = W_Q,h^T R[p, j]   [16, C_in, 16]
+// so a logit costs 2 C_in multiply-adds instead of 2 D, and q, k are never formed. Same operator;
+// only the rounding differs (the backward, which recomputes P the direct way, agrees to ~1e-6).
+//   x [B,Ci,H,W]; Wv [C,Ci,16(p)] per-position value rows (unused with vmap [B,C,H,W]);
+//   A [heads,Ci,Ci]; G [heads,16(j),Ci,16(p)]; y [B,C,H,W], or [B,C,H/4,W/4] when pooled.
+// 16-lane vectors (GCC vector extensions): every row of the forward is one query-position vector,
+// one AVX-512 register in fp32; written out so the compiler cannot fall back to narrow shuffles.
+template <typename T>
+struct Lanes16 {
+  typedef T type __attribute__((vector_size(16 * sizeof(T))));
+};
+template <typename T>
+using vec16 = typename Lanes16<T>::type;
+
+template <typename T>
+static inline vec16<T> vld(const T* p) {
+  vec16<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+static inline vec16<T> vsplat(T x) {
+  vec16<T> v;
+  for (int l = 0; l < 16; ++l) v[l] = x;
+  return v;
+}
+template <typename V>
+static inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+static inline vec16<float> vexp16(vec16<float> v) {  // the Cephes expf above, lane-parallel
+  typedef int32_t VI __attribute__((vector_size(64)));
+  v = vmax(v, vsplat(-87.0f));
+  const vec16<float> n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vec16<float> r = v - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec16<float> p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vec16<float> e = p * r * r + r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  vec16<float> sc;
+  std::memcpy(&sc, &bits, sizeof(sc));
+  return e * sc;
+}
+static inline vec16<double> vexp16(vec16<double> v) {
+  for (int l = 0; l < 16; ++l) v[l] = std::exp(v[l]);
+  return v;
+}
+template <typename V>
+static inline auto hmax16(V v) {  // horizontal max, a shuffle tree
+  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+// Forward with the logits folded through the input (C_in = 3 for an RGB stem): per head h,
+//   q_p . k_j = x_p^T A_h x_j,        A_h = W_Q,h^T W_K,h               [C_in, C_in]
+//   q_p . R[p, j] = x_p . G_h[j, :, p], G_h[j, :, p] = W_Q,h^T R[p, j]   [16, C_in, 16]
+// so a logit costs 2 C_in multiply-adds instead of 2 D, and q, k are never formed. Same operator;
+// only the rounding differs (the backward, which recomputes P the direct way, agrees to ~1e-6).
+//   x [B,Ci,H,W]; Wv [C,Ci,16(p)] per-position value rows (unused with vmap [B,C,H,W]);
+//   A [heads,Ci,Ci]; G [heads,16(j),Ci,16(p)]; y [B,C,H,W], or [B,C,H/4,W/4] when pooled.
+template <typename T>
+static void fwd_impl(const T* x, const T* Wv, const T* A, const T* G, const T* vmap, T* y, int64_t B,
+                     int64_t Ci, int64_t H, int64_t Wd, int64_t C, int64_t heads, const T* bn_scale = nullptr,
                      const T* bn_shift = nullptr) {
   // bn_scale != nullptr: inference epilogue. The 4x4 blocks are exactly the 4x4 max-pool's windows,
   // so y [B,C,H/4,W/4] = max over the block of (bn_scale * attn + bn_shift): the full-resolution
   // map is never written (it is 16x the pooled output, and BN + pool would read it twice more).
+  using V = vec16<T>;
   const bool pooled = bn_scale != nullptr;
   const int64_t hb = H / 4, wb = Wd / 4, nblk = B * hb * wb, D = C / heads, HW = H * Wd;
-  const int64_t O = (vmap != nullptr ? 2 : 3) * C;
   at::parallel_for(0, nblk, 8, [&](int64_t s, int64_t e) {
-    std::vector<T> xb(Ci * 16), proj(3 * C * 16), P(256);
+    std::vector<V> xv(Ci), z(Ci), P(16);
+    std::vector<T> xt(16 * Ci), v(C * 16);
     for (int64_t blk = s; blk < e; ++blk) {
       const int64_t b = blk / (hb * wb), r = blk % (hb * wb), base = (r / wb) * 4 * Wd + (r % wb) * 4;
-      project(x, Wt, vmap, xb.data(), proj.data(), b, Ci, C, O, HW, Wd, base);
+      for (int64_t c = 0; c < Ci; ++c) {
+        const T* xs = x + (b * Ci + c) * HW + base;
+        for (int a = 0; a < 4; ++a)
+          for (int e2 = 0; e2 < 4; ++e2) xv[c][a * 4 + e2] = xs[a * Wd + e2];
+        for (int j = 0; j < 16; ++j) xt[j * Ci + c] = xv[c][j];
+      }
+      if (vmap != nullptr) {
+        for (int64_t o = 0; o < C; ++o)
+          for (int a = 0; a < 4; ++a)
+            for (int e2 = 0; e2 < 4; ++e2) v[o * 16 + a * 4 + e2] = vmap[(b * C + o) * HW + base + a * Wd + e2];
+      } else {
+        for (int64_t o = 0; o < C; ++o) {
+          V acc = vld(Wv + o * Ci * 16) * xv[0];
+          for (int64_t c = 1; c < Ci; ++c) acc += vld(Wv + (o * Ci + c) * 16) * xv[c];
+          std::memcpy(v.data() + o * 16, &acc, sizeof(V));
+        }
+      }
       for (int64_t h = 0; h < heads; ++h) {
-        const T* q = proj.data() + h * D * 16;
-        const T* k = proj.data() + (C + h * D) * 16;
-        const T* v = proj.data() + (2 * C + h * D) * 16;
-        probs(q, k, Rt, P.data(), D);
+        const T* Ah = A + h * Ci * Ci;
+        const T* Gh = G + h * 16 * Ci * 16;
+        for (int64_t c2 = 0; c2 < Ci; ++c2) {  // z[c2] = sum_c1 A[c1][c2] x[c1]
+          V acc = xv[0] * Ah[c2];
+          for (int64_t c1 = 1; c1 < Ci; ++c1) acc += xv[c1] * Ah[c1 * Ci + c2];
+          z[c2] = acc;
+        }
+        V mx;
+        for (int j = 0; j < 16; ++j) {  // logits of key j for the 16 queries
+          V row = z[0] * xt[j * Ci] + xv[0] * vld(Gh + j * Ci * 16);
+          for (int64_t c = 1; c < Ci; ++c) row += z[c] * xt[j * Ci + c] + xv[c] * vld(Gh + (j * Ci + c) * 16);
+          P[j] = row;
+          mx = j == 0 ? row : vmax(mx, row);
+        }
+        V sum = vsplat(T(0));
+        for (int j = 0; j < 16; ++j) {
+          P[j] = vexp16(P[j] - mx);
+          sum += P[j];
+        }
+        const V inv = T(1) / sum;
+        for (int j = 0; j < 16; ++j) P[j] *= inv;
         for (int64_t dd = 0; dd < D; ++dd) {
-          T acc[16];
-          for (int p = 0; p < 16; ++p) acc[p] = 0;
-          for (int j = 0; j < 16; ++j) {
-            const T vv = v[dd * 16 + j];
-            for (int p = 0; p < 16; ++p) acc[p] += P[j * 16 + p] * vv;
-          }
           const int64_t ch = h * D + dd;
+          const T* vh = v.data() + ch * 16;
+          V acc = P[0] * vh[0];
+          for (int j = 1; j < 16; ++j) acc += P[j] * vh[j];
           if (pooled) {
-            T mx = acc[0] * bn_scale[ch] + bn_shift[ch];
-            for (int p = 1; p < 16; ++p) mx = std::max(mx, acc[p] * bn_scale[ch] + bn_shift[ch]);
-            y[(b * C + ch) * hb * wb + r] = mx;
+            y[(b * C + ch) * hb * wb + r] = hmax16(acc * bn_scale[ch] + bn_shift[ch]);
             continue;
           }
           T* yo = y + (b * C + ch) * HW + base;
-          for (int a = 0; a < 4; ++a)
-            for (int c = 0; c < 4; ++c) yo[a * Wd + c] = acc[a * 4 + c];
+          for (int a = 0; a < 4; ++a) std::memcpy(yo + a * Wd, reinterpret_cast<T*>(&acc) + a * 4, 4 * sizeof(T));
         }
       }
     }
@@ -252,26 +359,17 @@ static void bwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, const 
   }
 }
 
-torch::Tensor stem_forward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap, int64_t heads) {
-  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3), C = Rt.size(1) * heads;
-  auto y = torch::empty({B, C, H, Wd}, x.options());
-  const bool hv = vmap.numel() > 0;
+// Wv [C,Ci,16] (empty with vmap), A [heads,Ci,Ci], G [heads,16,Ci,16]; bn_scale/bn_shift [C] or empty.
+torch::Tensor stem_forward(torch::Tensor x, torch::Tensor Wv, torch::Tensor A, torch::Tensor G, torch::Tensor vmap,
+                           int64_t heads, int64_t C, torch::Tensor bn_scale, torch::Tensor bn_shift) {
+  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3);
+  const bool pooled = bn_scale.numel() > 0, hv = vmap.numel() > 0;
+  auto y = pooled ? torch::empty({B, C, H / 4, Wd / 4}, x.options()) : torch::empty({B, C, H, Wd}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stem_forward", [&] {
-    fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Rt.data_ptr<scalar_t>(),
-                       hv ? vmap.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, Ci, H, Wd, C, heads);
-  });
-  return y;
-}
-
-torch::Tensor stem_forward_pooled(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
-                                  int64_t heads, torch::Tensor bn_scale, torch::Tensor bn_shift) {
-  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), Wd = x.size(3), C = Rt.size(1) * heads;
-  auto y = torch::empty({B, C, H / 4, Wd / 4}, x.options());
-  const bool hv = vmap.numel() > 0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stem_forward_pooled", [&] {
-    fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Rt.data_ptr<scalar_t>(),
-                       hv ? vmap.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), B, Ci, H, Wd, C, heads,
-                       bn_scale.data_ptr<scalar_t>(), bn_shift.data_ptr<scalar_t>());
+    fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), hv ? nullptr : Wv.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                       G.data_ptr<scalar_t>(), hv ? vmap.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                       B, Ci, H, Wd, C, heads, pooled ? bn_scale.data_ptr<scalar_t>() : nullptr,
+                       pooled ? bn_shift.data_ptr<scalar_t>() : nullptr);
   });
   return y;
 }
@@ -297,15 +395,14 @@ std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch
 _DECLS = r"""
 #include <torch/extension.h>
 #include <vector>
-torch::Tensor stem_forward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap, int64_t heads);
-torch::Tensor stem_forward_pooled(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
-                                  int64_t heads, torch::Tensor bn_scale, torch::Tensor bn_shift);
+torch::Tensor stem_forward(torch::Tensor x, torch::Tensor Wv, torch::Tensor A, torch::Tensor G, torch::Tensor vmap,
+                           int64_t heads, int64_t C, torch::Tensor bn_scale, torch::Tensor bn_shift);
 std::vector<torch::Tensor> stem_backward(torch::Tensor x, torch::Tensor W, torch::Tensor Rt, torch::Tensor vmap,
                                          torch::Tensor gy, int64_t heads);
 """
 
 EXTENSION = InlineExtension(
-    "sasa_stem_cpu", _DECLS, _SOURCE, ["stem_forward", "stem_forward_pooled", "stem_backward"],
+    "sasa_stem_cpu", _DECLS, _SOURCE, ["stem_forward", "stem_backward"],
     fallback="the PyTorch attention-stem path",
 )
 
@@ -324,6 +421,23 @@ def load() -> bool:
     return _load() is not None
 
 
+def _folded(wc: torch.Tensor, rc: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel's operands from the kernel-layout weights wc [O, C_in, 16] and relative
+    table rc [16 (key), D, 16 (query)]: the value rows Wv [C, C_in, 16] (empty when O = 2C),
+    A [heads, C_in, C_in] = W_Q,h^T W_K,h and G [heads, 16 (key), C_in, 16 (query)] = W_Q,h^T R."""
+    d = rc.shape[1]
+    c = d * heads
+    wq = wc[:c, :, 0]
+    if not (torch.equal(wc[:2 * c], wc[:2 * c, :, :1].expand_as(wc[:2 * c]))):
+        raise ValueError("the stem kernel needs position-independent query and key weights")
+    wq_h, wk_h = wq.view(heads, d, -1), wc[c:2 * c, :, 0].view(heads, d, -1)
+    with torch.autocast(wc.device.type, enabled=False):  # in the kernel's dtype, also under autocast
+        a = torch.einsum("hdc,hde->hce", wq_h, wk_h).contiguous()
+        g = torch.einsum("hdc,jdp->hjcp", wq_h, rc).contiguous()
+    wv = wc[2 * c:].contiguous() if wc.shape[0] == 3 * c else wc.new_empty(0)
+    return wv, a, g
+
+
 class _StemBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, rel_t, vmap, heads):  # noqa: ANN001, ANN205
@@ -335,7 +449,8 @@ class _StemBlockAttention(torch.autograd.Function):
         ctx.save_for_backward(xc, wc, rc, vc)
         ctx.heads = heads
         ctx.dtypes = (x.dtype, weight.dtype, rel_t.dtype, vmap.dtype if vmap is not None else None)
-        return _load().stem_forward(xc, wc, rc, vc, heads)
+        none = xc.new_empty(0)
+        return _load().stem_forward(xc, *_folded(wc, rc, heads), vc, heads, rc.shape[1] * heads, none, none)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
@@ -379,7 +494,11 @@ def stem_block_attention_pooled(
     if _load() is None:
         raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    args = [t.to(dtype).contiguous() for t in (x, weight.permute(1, 2, 0), rel.permute(1, 2, 0))]
-    vc = vmap.to(dtype).contiguous() if vmap is not None else args[0].new_empty(0)
-    y = _load().stem_forward_pooled(*args, vc, heads, bn_scale.to(dtype).contiguous(), bn_shift.to(dtype).contiguous())
+    xc = x.to(dtype).contiguous()
+    wc, rc = weight.permute(1, 2, 0).to(dtype), rel.permute(1, 2, 0).to(dtype)
+    vc = vmap.to(dtype).contiguous() if vmap is not None else xc.new_empty(0)
+    y = _load().stem_forward(
+        xc, *_folded(wc, rc, heads), vc, heads, rc.shape[1] * heads,
+        bn_scale.to(dtype).contiguous(), bn_shift.to(dtype).contiguous(),
+    )
     return y if x.dtype == dtype else y.to(x.dtype)
