@@ -242,3 +242,18 @@ def test_gpu_backend_matches_reference(backend, case):  # noqa: ANN001
     want = _run(local_attention_reference, args, grad)
     args2 = tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args)
     _assert_close(_run(fn, args2, grad), want)
+
+
+@pytest.mark.parametrize("module", ["cpu_fused", "stem_cpu"])
+def test_cpp_kernels_build_where_a_compiler_exists(module):  # noqa: ANN001
+    """The fast-path tests skip a kernel that is unavailable; this one makes a broken build fail
+    loudly wherever a compiler exists (otherwise the fallback would hide it)."""
+    import importlib
+    import shutil
+
+    from sasa_bench.kernels.cpp_build import _compiler
+
+    if shutil.which(_compiler()) is None:
+        pytest.skip("no C++ compiler on PATH")
+    ext = importlib.import_module(f"sasa_bench.kernels.{module}").EXTENSION
+    assert ext.load() is not None, f"{module} failed to build: {ext.failed}"

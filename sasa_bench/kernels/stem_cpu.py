@@ -42,93 +42,9 @@ _SOURCE = r"""
 // every inner loop runs over p, 16 contiguous entries, so it is one plain vector operation):
 //   x [B,Ci,H,W]; Wt [O,Ci,16(p)] (O = 3C: q, k, v rows; 2C when v comes from vmap [B,C,H,W]);
 //   Rt [16(j),D,16(p)]: the relative table; y [B,C,H,W].
-//   Scratch: xb [Ci][16], proj [3C][16], P [16(j)][16(p)] (softmax over j, per column p).
+//   Scratch rows are 16-lane vectors over p: x [Ci], proj [3C], P [16(j)] (softmax over j, per lane p).
 
-template <typename T> static inline T vexp(T v) { return std::exp(v); }
-template <> inline float vexp<float>(float v) {  // Cephes expf, vectorisable; arguments are <= 0 here
-  v = std::max(v, -87.0f);
-  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = v - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return e * s;
-}
-
-template <typename T>
-static inline void project(const T* x, const T* Wt, const T* vmap, T* xb, T* proj, int64_t b,
-                           int64_t Ci, int64_t C, int64_t O, int64_t HW, int64_t Wd, int64_t base) {
-  for (int64_t c = 0; c < Ci; ++c)
-    for (int a = 0; a < 4; ++a)
-      for (int e = 0; e < 4; ++e) xb[c * 16 + a * 4 + e] = x[(b * Ci + c) * HW + base + a * Wd + e];
-  for (int64_t o = 0; o < O; ++o) {
-    T acc[16];
-    for (int p = 0; p < 16; ++p) acc[p] = 0;
-    for (int64_t c = 0; c < Ci; ++c) {
-      const T* w = Wt + (o * Ci + c) * 16;
-      const T* xr = xb + c * 16;
-      for (int p = 0; p < 16; ++p) acc[p] += w[p] * xr[p];
-    }
-    for (int p = 0; p < 16; ++p) proj[o * 16 + p] = acc[p];
-  }
-  if (vmap != nullptr)
-    for (int64_t o = 0; o < C; ++o)
-      for (int a = 0; a < 4; ++a)
-        for (int e = 0; e < 4; ++e) proj[(2 * C + o) * 16 + a * 4 + e] = vmap[(b * C + o) * HW + base + a * Wd + e];
-}
-
-// Softmax over j (rows of P [16(j)][16(p)]) for each column p, in place.
-template <typename T>
-static inline void softmax_cols(T* P) {
-  T mx[16], s[16];
-  for (int p = 0; p < 16; ++p) mx[p] = P[p];
-  for (int j = 1; j < 16; ++j)
-    for (int p = 0; p < 16; ++p) mx[p] = std::max(mx[p], P[j * 16 + p]);
-  for (int p = 0; p < 16; ++p) s[p] = 0;
-  for (int j = 0; j < 16; ++j)
-    for (int p = 0; p < 16; ++p) {
-      const T e = vexp<T>(P[j * 16 + p] - mx[p]);
-      P[j * 16 + p] = e;
-      s[p] += e;
-    }
-  for (int p = 0; p < 16; ++p) s[p] = T(1) / s[p];
-  for (int j = 0; j < 16; ++j)
-    for (int p = 0; p < 16; ++p) P[j * 16 + p] *= s[p];
-}
-
-// P[j][p] = softmax_j(q_p . (k_j + R[j, :, p])): the direct formulation (the backward's recompute)
-template <typename T>
-static inline void probs(const T* q, const T* k, const T* Rt, T* P, int64_t D) {
-  for (int j = 0; j < 16; ++j) {
-    T row[16];
-    for (int p = 0; p < 16; ++p) row[p] = 0;
-    for (int64_t dd = 0; dd < D; ++dd) {
-      const T kv = k[dd * 16 + j];
-      const T* qr = q + dd * 16;
-      const T* rr = Rt + (j * D + dd) * 16;
-      for (int p = 0; p < 16; ++p) row[p] += qr[p] * (kv + rr[p]);
-    }
-    for (int p = 0; p < 16; ++p) P[j * 16 + p] = row[p];
-  }
-  softmax_cols(P);
-}
-
-// Forward with the logits folded through the input (C_in = 3 for an RGB stem): per head h,
-//   q_p . k_j = x_p^T A_h x_j,        A_h = W_Q,h^T W_K,h               [C_in, C_in]
-//   q_p . R[p, j] = x_p . G_h[j, :, p], G_h[j, :, p] = W_Q,h^T R[p, j]   [16, C_in, 16]
-// so a logit costs 2 C_in multiply-adds instead of 2 D, and q, k are never formed. Same operator;
-// only the rounding differs (the backward, which recomputes P the direct way, agrees to ~1e-6).
-//   x [B,Ci,H,W]; Wv [C,Ci,16(p)] per-position value rows (unused with vmap [B,C,H,W]);
-//   A [heads,Ci,Ci]; G [heads,16(j),Ci,16(p)]; y [B,C,H,W], or [B,C,H/4,W/4] when pooled.
-// 16-lane vectors (GCC vector extensions): every row of the forward is one query-position vector,
+// 16-lane vectors (GCC vector extensions): every row is one vector over the 16 query positions,
 // one AVX-512 register in fp32; written out so the compiler cannot fall back to narrow shuffles.
 template <typename T>
 struct Lanes16 {
@@ -153,7 +69,7 @@ template <typename V>
 static inline V vmax(V a, V b) {
   return a > b ? a : b;
 }
-static inline vec16<float> vexp16(vec16<float> v) {  // the Cephes expf above, lane-parallel
+static inline vec16<float> vexp16(vec16<float> v) {  // Cephes expf (~1 ulp), lane-parallel; args <= 0 here
   typedef int32_t VI __attribute__((vector_size(64)));
   v = vmax(v, vsplat(-87.0f));
   const vec16<float> n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -261,101 +177,119 @@ static void fwd_impl(const T* x, const T* Wv, const T* A, const T* G, const T* v
   });
 }
 
+// out[p][j] = in[j][p] for 16 x 16 (rows are vectors)
+template <typename T>
+static inline void transpose16(const vec16<T>* in, vec16<T>* out) {
+  T src[256], dst[256];
+  std::memcpy(src, in, sizeof(src));
+  for (int p = 0; p < 16; ++p)
+    for (int j = 0; j < 16; ++j) dst[p * 16 + j] = src[j * 16 + p];
+  std::memcpy(out, dst, sizeof(dst));
+}
+
+// Backward, one block at a time; recomputes the projections and P the direct way (q, k formed),
+// because the weight gradients need them. Per head, with rows as vectors over the query p:
+//   dP[j] = sum_d g[d] v[d][j];  dS[j] = P[j] (dP[j] - sum_j' P[j'] dP[j'])
+//   dq[d] = sum_j dS[j] (k[d][j] + R[j][d]);  dR[j][d] += dS[j] q[d]
+// and, as vectors over the key j (through the transposes P^T, dS^T):
+//   dv[d] = sum_p g[d][p] P^T[p];  dk[d] = sum_p q[d][p] dS^T[p]
+// The weight and relative-table gradients go to per-thread accumulators, reduced at the end.
 template <typename T>
 static void bwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, const T* gy, T* gx, T* gW, T* gRt,
                      T* gv, int64_t B, int64_t Ci, int64_t H, int64_t Wd, int64_t C, int64_t heads) {
+  using V = vec16<T>;
   const int64_t hb = H / 4, wb = Wd / 4, nblk = B * hb * wb, D = C / heads, HW = H * Wd;
   const int64_t O = (vmap != nullptr ? 2 : 3) * C;
   const int nt = at::get_num_threads();
-  std::vector<std::vector<T>> accW(nt, std::vector<T>(O * Ci * 16, T(0)));
-  std::vector<std::vector<T>> accR(nt, std::vector<T>(16 * D * 16, T(0)));
+  std::vector<std::vector<V>> accW(nt, std::vector<V>(O * Ci, vsplat(T(0))));
+  std::vector<std::vector<V>> accR(nt, std::vector<V>(16 * D, vsplat(T(0))));
   at::parallel_for(0, nblk, 8, [&](int64_t s, int64_t e) {
-    T* aW = accW[at::get_thread_num()].data();
-    T* aR = accR[at::get_thread_num()].data();
-    std::vector<T> xb(Ci * 16), proj(3 * C * 16), gp(3 * C * 16), g(C * 16), P(256), dS(256);
+    V* aW = accW[at::get_thread_num()].data();
+    V* aR = accR[at::get_thread_num()].data();
+    std::vector<V> xv(Ci), proj(3 * C), gp(3 * C), g(C), P(16), PT(16), dS(16), dST(16);
     for (int64_t blk = s; blk < e; ++blk) {
       const int64_t b = blk / (hb * wb), r = blk % (hb * wb), base = (r / wb) * 4 * Wd + (r % wb) * 4;
-      project(x, Wt, vmap, xb.data(), proj.data(), b, Ci, C, O, HW, Wd, base);
+      for (int64_t c = 0; c < Ci; ++c) {
+        const T* xs = x + (b * Ci + c) * HW + base;
+        for (int a = 0; a < 4; ++a)
+          for (int e2 = 0; e2 < 4; ++e2) xv[c][a * 4 + e2] = xs[a * Wd + e2];
+      }
+      for (int64_t o = 0; o < O; ++o) {
+        V acc = vld(Wt + o * Ci * 16) * xv[0];
+        for (int64_t c = 1; c < Ci; ++c) acc += vld(Wt + (o * Ci + c) * 16) * xv[c];
+        proj[o] = acc;
+      }
+      if (vmap != nullptr)
+        for (int64_t o = 0; o < C; ++o)
+          for (int a = 0; a < 4; ++a)
+            for (int e2 = 0; e2 < 4; ++e2) proj[2 * C + o][a * 4 + e2] = vmap[(b * C + o) * HW + base + a * Wd + e2];
       for (int64_t o = 0; o < C; ++o)
         for (int a = 0; a < 4; ++a)
-          for (int c = 0; c < 4; ++c) g[o * 16 + a * 4 + c] = gy[(b * C + o) * HW + base + a * Wd + c];
+          for (int e2 = 0; e2 < 4; ++e2) g[o][a * 4 + e2] = gy[(b * C + o) * HW + base + a * Wd + e2];
       for (int64_t h = 0; h < heads; ++h) {
-        const T* q = proj.data() + h * D * 16;
-        const T* k = proj.data() + (C + h * D) * 16;
-        const T* v = proj.data() + (2 * C + h * D) * 16;
-        const T* gh = g.data() + h * D * 16;
-        T* gq = gp.data() + h * D * 16;
-        T* gk = gp.data() + (C + h * D) * 16;
-        T* gvv = gp.data() + (2 * C + h * D) * 16;
-        probs(q, k, Rt, P.data(), D);
-        T dot[16];
-        for (int p = 0; p < 16; ++p) dot[p] = 0;
-        for (int j = 0; j < 16; ++j) {  // dS[j][p] holds dP first
-          T dP[16];
-          for (int p = 0; p < 16; ++p) dP[p] = 0;
-          for (int64_t dd = 0; dd < D; ++dd) {
-            const T vv = v[dd * 16 + j];
-            const T* gr = gh + dd * 16;
-            T sv = 0;
-            for (int p = 0; p < 16; ++p) {
-              dP[p] += gr[p] * vv;
-              sv += P[j * 16 + p] * gr[p];
-            }
-            gvv[dd * 16 + j] = sv;
+        const V* q = proj.data() + h * D;
+        const V* k = proj.data() + C + h * D;
+        const V* v = proj.data() + 2 * C + h * D;
+        const V* gh = g.data() + h * D;
+        V mx;
+        for (int j = 0; j < 16; ++j) {
+          V row = vsplat(T(0));
+          for (int64_t dd = 0; dd < D; ++dd) row += q[dd] * (k[dd][j] + vld(Rt + (j * D + dd) * 16));
+          P[j] = row;
+          mx = j == 0 ? row : vmax(mx, row);
+        }
+        V sum = vsplat(T(0));
+        for (int j = 0; j < 16; ++j) {
+          P[j] = vexp16(P[j] - mx);
+          sum += P[j];
+        }
+        const V inv = T(1) / sum;
+        for (int j = 0; j < 16; ++j) P[j] *= inv;
+        V dot = vsplat(T(0));
+        for (int j = 0; j < 16; ++j) {
+          V dP = gh[0] * v[0][j];
+          for (int64_t dd = 1; dd < D; ++dd) dP += gh[dd] * v[dd][j];
+          dS[j] = dP;
+          dot += P[j] * dP;
+        }
+        for (int j = 0; j < 16; ++j) dS[j] = P[j] * (dS[j] - dot);
+        transpose16<T>(P.data(), PT.data());
+        transpose16<T>(dS.data(), dST.data());
+        for (int64_t dd = 0; dd < D; ++dd) {
+          V gq = vsplat(T(0)), gk = vsplat(T(0)), gvv = vsplat(T(0));
+          for (int j = 0; j < 16; ++j) {
+            gq += dS[j] * (k[dd][j] + vld(Rt + (j * D + dd) * 16));
+            aR[j * D + dd] += dS[j] * q[dd];
           }
           for (int p = 0; p < 16; ++p) {
-            dS[j * 16 + p] = dP[p];
-            dot[p] += P[j * 16 + p] * dP[p];
+            gk += dST[p] * q[dd][p];
+            gvv += PT[p] * gh[dd][p];
           }
-        }
-        for (int j = 0; j < 16; ++j)
-          for (int p = 0; p < 16; ++p) dS[j * 16 + p] = P[j * 16 + p] * (dS[j * 16 + p] - dot[p]);
-        for (int64_t dd = 0; dd < D; ++dd) {
-          const T* qr = q + dd * 16;
-          T acc[16];
-          for (int p = 0; p < 16; ++p) acc[p] = 0;
-          for (int j = 0; j < 16; ++j) {
-            const T kv = k[dd * 16 + j];
-            const T* rr = Rt + (j * D + dd) * 16;
-            T* grr = aR + (j * D + dd) * 16;
-            T sk = 0;
-            for (int p = 0; p < 16; ++p) {
-              const T ds = dS[j * 16 + p];
-              acc[p] += ds * (kv + rr[p]);
-              grr[p] += ds * qr[p];
-              sk += ds * qr[p];
-            }
-            gk[dd * 16 + j] = sk;
-          }
-          for (int p = 0; p < 16; ++p) gq[dd * 16 + p] = acc[p];
+          gp[h * D + dd] = gq;
+          gp[C + h * D + dd] = gk;
+          gp[2 * C + h * D + dd] = gvv;
         }
       }
       if (vmap != nullptr)
         for (int64_t o = 0; o < C; ++o)
           for (int a = 0; a < 4; ++a)
-            for (int c = 0; c < 4; ++c) gv[(b * C + o) * HW + base + a * Wd + c] = gp[(2 * C + o) * 16 + a * 4 + c];
+            for (int e2 = 0; e2 < 4; ++e2) gv[(b * C + o) * HW + base + a * Wd + e2] = gp[2 * C + o][a * 4 + e2];
       for (int64_t c = 0; c < Ci; ++c) {
-        T acc[16];
-        for (int p = 0; p < 16; ++p) acc[p] = 0;
-        const T* xr = xb.data() + c * 16;
+        V acc = vsplat(T(0));
         for (int64_t o = 0; o < O; ++o) {
-          const T* w = Wt + (o * Ci + c) * 16;
-          T* aw = aW + (o * Ci + c) * 16;
-          const T* go = gp.data() + o * 16;
-          for (int p = 0; p < 16; ++p) {
-            aw[p] += go[p] * xr[p];
-            acc[p] += w[p] * go[p];
-          }
+          aW[o * Ci + c] += gp[o] * xv[c];
+          acc += vld(Wt + (o * Ci + c) * 16) * gp[o];
         }
         T* gxo = gx + (b * Ci + c) * HW + base;
-        for (int a = 0; a < 4; ++a)
-          for (int e2 = 0; e2 < 4; ++e2) gxo[a * Wd + e2] = acc[a * 4 + e2];
+        for (int a = 0; a < 4; ++a) std::memcpy(gxo + a * Wd, reinterpret_cast<T*>(&acc) + a * 4, 4 * sizeof(T));
       }
     }
   });
   for (int t = 0; t < nt; ++t) {
-    for (int64_t i = 0; i < O * Ci * 16; ++i) gW[i] += accW[t][i];
-    for (int64_t i = 0; i < 16 * D * 16; ++i) gRt[i] += accR[t][i];
+    for (int64_t i = 0; i < O * Ci; ++i)
+      for (int p = 0; p < 16; ++p) gW[i * 16 + p] += accW[t][i][p];
+    for (int64_t i = 0; i < 16 * D; ++i)
+      for (int p = 0; p < 16; ++p) gRt[i * 16 + p] += accR[t][i][p];
   }
 }
 

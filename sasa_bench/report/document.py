@@ -47,6 +47,10 @@ def _recipe_text(cfg: dict[str, Any], spec: dict[str, Any]) -> str:
         f"batch {cfg.get('batch_size')}",
         f"lr {cfg.get('lr') if cfg.get('lr') is not None else cfg.get('lr_base')}",
         f"{cfg.get('precision')}",
+        "augmentation " + ("on" if cfg.get("augment", True) else "off"),
+        *(["zero-init residual"] if cfg.get("zero_init_residual") else []),
+        *([f"grad-norm clip {cfg['grad_clip']}"] if cfg.get("grad_clip") else []),
+        f"{cfg.get('threads')} thread(s)" if cfg.get("threads") else "torch's default threads",
         f"models at {spec.get('image_size')}×{spec.get('image_size')}, width ×{spec.get('width')}, {spec.get('num_classes')} classes",
     ]
     return ", ".join(str(p) for p in parts)
@@ -64,7 +68,7 @@ def provenance(tables: list[StudyTable]) -> list[str]:
         lines.append(f"- CPU {cpu or '?'}" + (f", GPU {gpu}" if gpu else "") + f", torch {torch_v or '?'}")
     lat_dev = sorted({(r["latency"].get("device_name"), r["latency"].get("threads"), r["latency"].get("batch_size")) for r in recs if r.get("latency")}, key=str)
     for dev, threads, bs in lat_dev:
-        lines.append(f"- latency measured on {dev}" + (f" with {threads} threads" if threads else "") + f", batch {bs}, fp32 inference")
+        lines.append(f"- latency measured on {dev}" + (f" with {threads} thread(s)" if threads else "") + f", batch {bs}, fp32 inference")
     lines.append("")
     lines.append("**Training recipes** behind the accuracy columns:")
     lines.append("")
