@@ -90,6 +90,19 @@ static inline vec16<double> vexp16(vec16<double> v) {
   for (int l = 0; l < 16; ++l) v[l] = std::exp(v[l]);
   return v;
 }
+// P[j] <- softmax over j of the logit rows P[0..15], lane by lane (per query position p)
+template <typename V>
+static inline void softmax16(V* P) {
+  V mx = P[0];
+  for (int j = 1; j < 16; ++j) mx = vmax(mx, P[j]);
+  V sum = P[0] - P[0];
+  for (int j = 0; j < 16; ++j) {
+    P[j] = vexp16(P[j] - mx);
+    sum += P[j];
+  }
+  const V inv = 1 / sum;
+  for (int j = 0; j < 16; ++j) P[j] *= inv;
+}
 template <typename V>
 static inline auto hmax16(V v) {  // horizontal max, a shuffle tree
   v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
@@ -146,20 +159,12 @@ static void fwd_impl(const T* x, const T* Wv, const T* A, const T* G, const T* v
           for (int64_t c1 = 1; c1 < Ci; ++c1) acc += xv[c1] * Ah[c1 * Ci + c2];
           z[c2] = acc;
         }
-        V mx;
         for (int j = 0; j < 16; ++j) {  // logits of key j for the 16 queries
           V row = z[0] * xt[j * Ci] + xv[0] * vld(Gh + j * Ci * 16);
           for (int64_t c = 1; c < Ci; ++c) row += z[c] * xt[j * Ci + c] + xv[c] * vld(Gh + (j * Ci + c) * 16);
           P[j] = row;
-          mx = j == 0 ? row : vmax(mx, row);
         }
-        V sum = vsplat(T(0));
-        for (int j = 0; j < 16; ++j) {
-          P[j] = vexp16(P[j] - mx);
-          sum += P[j];
-        }
-        const V inv = T(1) / sum;
-        for (int j = 0; j < 16; ++j) P[j] *= inv;
+        softmax16(P.data());
         for (int64_t dd = 0; dd < D; ++dd) {
           const int64_t ch = h * D + dd;
           const T* vh = v.data() + ch * 16;
@@ -231,20 +236,12 @@ static void bwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, const 
         const V* k = proj.data() + C + h * D;
         const V* v = proj.data() + 2 * C + h * D;
         const V* gh = g.data() + h * D;
-        V mx;
         for (int j = 0; j < 16; ++j) {
           V row = vsplat(T(0));
           for (int64_t dd = 0; dd < D; ++dd) row += q[dd] * (k[dd][j] + vld(Rt + (j * D + dd) * 16));
           P[j] = row;
-          mx = j == 0 ? row : vmax(mx, row);
         }
-        V sum = vsplat(T(0));
-        for (int j = 0; j < 16; ++j) {
-          P[j] = vexp16(P[j] - mx);
-          sum += P[j];
-        }
-        const V inv = T(1) / sum;
-        for (int j = 0; j < 16; ++j) P[j] *= inv;
+        softmax16(P.data());
         V dot = vsplat(T(0));
         for (int j = 0; j < 16; ++j) {
           V dP = gh[0] * v[0][j];
