@@ -41,7 +41,7 @@ def bench_layer(
     ] = "1,2,3,4",
     dtypes: Annotated[str, typer.Option(help="Comma-separated: fp32, bf16, fp16.")] = "fp32,bf16",
     backends: Annotated[
-        str | None, typer.Option(help="Comma-separated attention backends [default: all available here].")
+        str | None, typer.Option(help="Comma-separated attention backends (default: all available here).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
     iters: Annotated[

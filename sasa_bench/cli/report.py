@@ -13,7 +13,7 @@ from sasa_bench.errors import SasaError
 
 def report(
     results: Annotated[Path, typer.Option(help="Results folder written by `sasa-bench ablate`.")] = Path("results"),
-    out: Annotated[Path | None, typer.Option(help="Where REPORT.md, tables/ and figures/ go. [default: the results folder]")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where REPORT.md, tables/ and figures/ go. (default: the results folder)")] = None,
 ) -> None:
     """Build REPORT.md: one table per study (ours beside the paper, with deltas), CSV copies and figures."""
     from sasa_bench.report.document import write_report
