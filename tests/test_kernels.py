@@ -211,6 +211,7 @@ for b, n, d, h, w, kk, mask, has_k, has_rel in cases:
     o2 = tf.local_attention_triton(q, k, v, rr, rc, kk, mask)
     for a, c in zip([o1, *torch.autograd.grad(o1, leaves, g)], [o2, *torch.autograd.grad(o2, leaves, g)]):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4 * max(1.0, a.abs().max().item()))
+assert tf.self_check("cpu") is None  # the first-use check that guards the kernel on each GPU
 print("ok")
 """
 
@@ -257,3 +258,24 @@ def test_cpp_kernels_build_where_a_compiler_exists(module):  # noqa: ANN001
         pytest.skip("no C++ compiler on PATH")
     ext = importlib.import_module(f"sasa_bench.kernels.{module}").EXTENSION
     assert ext.load() is not None, f"{module} failed to build: {ext.failed}"
+
+
+def test_triton_self_check_rejects_wrong_or_failing_kernels(monkeypatch):  # noqa: ANN001
+    """The first-use check on a GPU catches a kernel that is wrong (forward or gradient) or that
+    fails, whatever the hardware; here the kernel is replaced by faulty stand-ins on the CPU."""
+    from sasa_bench.kernels import triton_fused as tf
+
+    def off_by_a_bit(*args):  # noqa: ANN002, ANN202
+        return local_attention_reference(*args) + 0.01
+
+    monkeypatch.setattr(tf._TritonAttention, "apply", off_by_a_bit)
+    assert "mismatch" in tf.self_check("cpu")
+
+    def broken(*args):  # noqa: ANN002, ANN202
+        raise RuntimeError("PTX assembly failed\nptxas fatal")
+
+    monkeypatch.setattr(tf._TritonAttention, "apply", broken)
+    assert tf.self_check("cpu") == "RuntimeError: ptxas fatal"
+
+    monkeypatch.setattr(tf._TritonAttention, "apply", local_attention_reference)
+    assert tf.self_check("cpu") is None

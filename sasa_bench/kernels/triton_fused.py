@@ -13,6 +13,11 @@ Testing without a GPU: with ``TRITON_INTERPRET=1`` set before this module is imp
 runs the same kernels on CPU tensors (slowly); ``tests/test_kernels.py`` does that on small
 shapes. Where Triton or CUDA is missing the backend is unavailable and ``auto`` picks ``shift``;
 if the kernel fails to compile at run time, one warning is printed and ``shift`` runs instead.
+
+First use on each CUDA device runs :func:`self_check`: a few small cases (every option, forward and
+all gradients) against the reference on that device. A mismatch or an error marks the backend
+failed (one warning) and ``shift`` runs instead, so a GPU/Triton combination this kernel was
+never tried on cannot silently return wrong numbers. It costs well under a second, once.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FAILED: str | None = None
+_CHECKED: set[str] = set()  # devices where self_check passed
 NEG = -1.0e30  # "masked" logit: exp(NEG - m) == 0 for any real m, and no inf - inf NaNs
 
 
@@ -265,6 +271,45 @@ class _TritonAttention(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k_dt) if has_k else None, dvv.to(v.dtype), d_rr, d_rc, None, None)
 
 
+# (batch, heads, head dim, H, W, k, mask_border, has_k, has_rel): borders, a map smaller than k,
+# no keys, no relative term, k = 1
+_CHECK_CASES = [(2, 2, 8, 9, 11, 5, True, True, True), (1, 2, 6, 3, 2, 7, False, True, True),
+                (1, 2, 4, 6, 5, 3, True, False, True), (1, 2, 4, 6, 5, 3, False, True, False),
+                (1, 1, 3, 4, 4, 1, True, True, True)]  # fmt: skip
+
+
+def self_check(device: torch.device | str) -> str | None:
+    """Run the kernel on small cases on ``device`` against the reference (forward and every
+    gradient, fp32). Returns None if all agree, else what went wrong (errors included)."""
+    from sasa_bench.kernels.reference import local_attention_reference
+
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for b, n, d, h, w, kk, mask, has_k, has_rel in _CHECK_CASES:
+            def make(*shape: int) -> torch.Tensor:
+                return torch.randn(*shape, generator=gen).to(device).requires_grad_()
+
+            q, v = make(b, n, d, h, w), make(b, n, d + 1, h, w)
+            k = make(b, n, d, h, w) if has_k else None
+            rr, rc = (make(kk, d // 2), make(kk, d - d // 2)) if has_rel else (None, None)
+            leaves = [x for x in (q, k, v, rr, rc) if x is not None]
+            g = torch.randn(b, n, d + 1, h, w, generator=gen).to(device)
+            want = local_attention_reference(q, k, v, rr, rc, kk, mask)
+            got = _TritonAttention.apply(q, k, v, rr, rc, kk, mask)
+            for i, (a, c) in enumerate(zip([want, *torch.autograd.grad(want, leaves, g)],
+                                           [got, *torch.autograd.grad(got, leaves, g)], strict=True)):
+                scale = max(1.0, a.abs().max().item())
+                err = (a - c).abs().max().item()
+                if not err <= 1e-3 * scale:  # also catches NaN
+                    return f"self-check mismatch (case {(b, n, d, h, w, kk, mask, has_k, has_rel)}, tensor {i}: max error {err:.3g})"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel here
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        msg = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {msg[-1] if msg else ''}"
+    return None
+
+
 def local_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -278,6 +323,13 @@ def local_attention_triton(
     global _FAILED
     if rel_row is None or rel_col is None:
         rel_row = rel_col = None
+    if _FAILED is None and _HAVE_TRITON and q.is_cuda and str(q.device) not in _CHECKED:
+        problem = self_check(q.device)
+        if problem is None:
+            _CHECKED.add(str(q.device))
+        else:
+            _FAILED = problem
+            warnings.warn(f"sasa_bench: backend 'triton' failed its first-use check ({_FAILED}); using 'shift'", stacklevel=2)
     if _FAILED is None and _HAVE_TRITON:
         try:
             return _TritonAttention.apply(q, k, v, rel_row, rel_col, kernel_size, mask_border)
