@@ -21,11 +21,22 @@ from sasa_bench.errors import SasaError
 SCHEMA_VERSION = 1
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+# 0o666 minus the umask: the mode ``open()`` gives a new file (mkstemp's own is 0600)
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # results are meant to be shared, like any file open() creates
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -149,3 +149,15 @@ def test_results_of_a_study_without_a_file_are_still_shown(results: Path, tmp_pa
     tables = build_tables(results)
     old = next(t for t in tables if t.name == "old-study")
     assert old.has_results and old.rows[0]["variant"] == "conv"
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    from sasa_bench.store import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "r.json", "{}")
+    plain = tmp_path / "plain"
+    plain.write_text("{}")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
