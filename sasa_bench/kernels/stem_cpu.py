@@ -359,7 +359,8 @@ def _folded(wc: torch.Tensor, rc: torch.Tensor, heads: int) -> tuple[torch.Tenso
     d = rc.shape[1]
     c = d * heads
     wq = wc[:c, :, 0]
-    if not (torch.equal(wc[:2 * c], wc[:2 * c, :, :1].expand_as(wc[:2 * c]))):
+    qk = wc[:2 * c]
+    if not torch.allclose(qk, qk[:, :, :1].expand_as(qk), rtol=0, atol=0, equal_nan=True):
         raise ValueError("the stem kernel needs position-independent query and key weights")
     wq_h, wk_h = wq.view(heads, d, -1), wc[c:2 * c, :, 0].view(heads, d, -1)
     with torch.autocast(wc.device.type, enabled=False):  # in the kernel's dtype, also under autocast
