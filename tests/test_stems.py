@@ -335,3 +335,16 @@ def test_runtime_paths_run_under_bf16_autocast(kind: str) -> None:
         y.float().sum().backward()
         torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in stem.parameters())
+
+
+def test_kernel_forward_survives_nan_weights() -> None:
+    """A diverged model (NaN weights) gives NaN outputs, not an exception from the kernel's checks."""
+    from sasa_bench.kernels import stem_cpu
+
+    if not (stem_cpu.is_available() and stem_cpu.load()):
+        pytest.skip("no C++ compiler: the fused stem kernel is not built")
+    stem = _stem("attention").float()
+    with torch.no_grad():
+        stem.query.weight[0, 0] = float("nan")
+    y = stem._attend_kernel(torch.randn(1, 3, 8, 8))
+    assert torch.isnan(y).any()
