@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sasa_bench.cli.output import check_format, emit, step_progress
+from sasa_bench.cli.output import check_format, emit, emit_machine, step_progress
 from sasa_bench.errors import SasaError
 from sasa_bench.measure.layer_bench import LayerBenchOptions, measure_layers
 
@@ -80,11 +80,7 @@ def bench_layer(
     opts.validate()
     with step_progress("building backends…") as progress:
         rows = measure_layers(opts, progress=progress)
-    if fmt == "json":
-        emit(rows, fmt)
-        return
-    if fmt == "csv":
-        emit(rows, fmt, CSV_COLUMNS)
+    if emit_machine(rows, fmt, CSV_COLUMNS):
         return
     r0 = rows[0]
     title = (

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from sasa_bench.cli.options import ModelOptions, model_options
-from sasa_bench.cli.output import check_format, emit, err_console, step_progress
+from sasa_bench.cli.output import check_format, emit, emit_machine, err_console, step_progress
 from sasa_bench.measure.latency import LatencyOptions, measure_latency, result_name
 from sasa_bench.spec import make_spec
 from sasa_bench.store import write_result
@@ -92,11 +92,7 @@ def latency(
             path = write_result(results, "latency", result_name(r), r)
             err_console.print(f"saved {path}", markup=False, highlight=False, soft_wrap=True)
 
-    if fmt == "json":
-        emit(rows, fmt)
-        return
-    if fmt == "csv":
-        emit(rows, fmt, CSV_COLUMNS)
+    if emit_machine(rows, fmt, CSV_COLUMNS):
         return
     r0 = rows[0]
     title = (

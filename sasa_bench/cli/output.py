@@ -55,6 +55,14 @@ def _cell(v: Any, digits: int = 3) -> str:
     return escape(str(v))
 
 
+def emit_machine(rows: Sequence[dict[str, Any]], fmt: str, csv_columns: Sequence[str] | None = None) -> bool:
+    """Print ``rows`` as JSON or CSV if ``fmt`` asks for one; False means: the caller draws a table."""
+    if fmt not in ("json", "csv"):
+        return False
+    emit(rows, fmt, csv_columns if fmt == "csv" else None)
+    return True
+
+
 def emit(
     rows: Sequence[dict[str, Any]],
     fmt: str,
