@@ -111,8 +111,6 @@ def local_attention_cpu_fused(
     mask_border: bool = True,
 ) -> torch.Tensor:
     """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`."""
-    if rel_row is None or rel_col is None:
-        rel_row = rel_col = None
     if _load() is None:  # build failed: warned once in _load; stay exact with the portable path
         from sasa_bench.kernels.shift import local_attention_shift
 

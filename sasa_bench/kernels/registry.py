@@ -1,13 +1,16 @@
 """Attention backends by name: which exist, which run here, which ``auto`` picks.
 
 A backend is a function with the signature of
-:func:`sasa_bench.kernels.reference.local_attention_reference`. Fast backends register
+:func:`sasa_bench.kernels.reference.local_attention_reference`; through the registry it receives
+both relative embeddings or neither. Fast backends register
 themselves in :mod:`sasa_bench.kernels` with an availability probe and the device types they
 serve; ``auto`` picks the first available backend in ``AUTO_ORDER`` for the tensor's device.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,9 +35,24 @@ _BACKENDS: dict[str, Backend] = {}
 AUTO_ORDER: dict[str, list[str]] = {"cpu": [], "cuda": []}
 
 
+def _rel_pair(fn: AttentionFn) -> AttentionFn:
+    """``fn`` with the relative embeddings normalised once for every backend: q.r needs both
+    halves, so a single one given means no relative term at all."""
+
+    @functools.wraps(fn)
+    def call(q, k, v, rel_row, rel_col, kernel_size, mask_border=True):  # noqa: ANN001, ANN202
+        if rel_row is None or rel_col is None:
+            rel_row = rel_col = None
+        return fn(q, k, v, rel_row, rel_col, kernel_size, mask_border)
+
+    return call
+
+
 def register_backend(backend: Backend, auto_rank: dict[str, int] | None = None) -> None:
-    """Add a backend; ``auto_rank`` maps device type -> position in that device's auto order."""
-    _BACKENDS[backend.name] = backend
+    """Add a backend; ``auto_rank`` maps device type -> position in that device's auto order.
+    Its function is stored wrapped by :func:`_rel_pair`, so backends may assume both or no
+    relative embeddings."""
+    _BACKENDS[backend.name] = dataclasses.replace(backend, fn=_rel_pair(backend.fn))
     for dev, pos in (auto_rank or {}).items():
         order = AUTO_ORDER.setdefault(dev, [])
         if backend.name not in order:

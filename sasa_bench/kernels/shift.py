@@ -100,6 +100,4 @@ def local_attention_shift(
     mask_border: bool = True,
 ) -> torch.Tensor:
     """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`."""
-    if rel_row is None or rel_col is None:
-        rel_row = rel_col = None
     return _ShiftAttention.apply(q, k, v, rel_row, rel_col, kernel_size, mask_border)

@@ -321,8 +321,6 @@ def local_attention_triton(
 ) -> torch.Tensor:
     """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`."""
     global _FAILED
-    if rel_row is None or rel_col is None:
-        rel_row = rel_col = None
     if _FAILED is None and _HAVE_TRITON and q.is_cuda and str(q.device) not in _CHECKED:
         problem = self_check(q.device)
         if problem is None:
