@@ -59,6 +59,28 @@ static inline vec16<T> vld(const T* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// The 4x4 block at plane + (row 0, col 0) of a map with row stride Wd, as one vector (row-major
+// positions), and back.
+template <typename T>
+static inline vec16<T> load_block(const T* plane, int64_t Wd) {
+  vec16<T> v;
+  for (int a = 0; a < 4; ++a)
+    for (int e = 0; e < 4; ++e) v[a * 4 + e] = plane[a * Wd + e];
+  return v;
+}
+template <typename T>
+static inline void store_block(T* plane, int64_t Wd, vec16<T> v) {
+  for (int a = 0; a < 4; ++a) std::memcpy(plane + a * Wd, reinterpret_cast<T*>(&v) + a * 4, 4 * sizeof(T));
+}
+// out[o] = sum_c W[o][c] * x[c] for ``rows`` rows of per-position weights W [rows, Ci, 16]
+template <typename T>
+static inline void project(const T* W, int64_t rows, int64_t Ci, const vec16<T>* x, vec16<T>* out) {
+  for (int64_t o = 0; o < rows; ++o) {
+    vec16<T> acc = vld(W + o * Ci * 16) * x[0];
+    for (int64_t c = 1; c < Ci; ++c) acc += vld(W + (o * Ci + c) * 16) * x[c];
+    out[o] = acc;
+  }
+}
 template <typename T>
 static inline vec16<T> vsplat(T x) {
   vec16<T> v;
@@ -130,26 +152,18 @@ static void fwd_impl(const T* x, const T* Wv, const T* A, const T* G, const T* v
   const bool pooled = bn_scale != nullptr;
   const int64_t hb = H / 4, wb = Wd / 4, nblk = B * hb * wb, D = C / heads, HW = H * Wd;
   at::parallel_for(0, nblk, 8, [&](int64_t s, int64_t e) {
-    std::vector<V> xv(Ci), z(Ci), P(16);
-    std::vector<T> xt(16 * Ci), v(C * 16);
+    std::vector<V> xv(Ci), z(Ci), P(16), v(C);
+    std::vector<T> xt(16 * Ci);
     for (int64_t blk = s; blk < e; ++blk) {
       const int64_t b = blk / (hb * wb), r = blk % (hb * wb), base = (r / wb) * 4 * Wd + (r % wb) * 4;
       for (int64_t c = 0; c < Ci; ++c) {
-        const T* xs = x + (b * Ci + c) * HW + base;
-        for (int a = 0; a < 4; ++a)
-          for (int e2 = 0; e2 < 4; ++e2) xv[c][a * 4 + e2] = xs[a * Wd + e2];
+        xv[c] = load_block(x + (b * Ci + c) * HW + base, Wd);
         for (int j = 0; j < 16; ++j) xt[j * Ci + c] = xv[c][j];
       }
       if (vmap != nullptr) {
-        for (int64_t o = 0; o < C; ++o)
-          for (int a = 0; a < 4; ++a)
-            for (int e2 = 0; e2 < 4; ++e2) v[o * 16 + a * 4 + e2] = vmap[(b * C + o) * HW + base + a * Wd + e2];
+        for (int64_t o = 0; o < C; ++o) v[o] = load_block(vmap + (b * C + o) * HW + base, Wd);
       } else {
-        for (int64_t o = 0; o < C; ++o) {
-          V acc = vld(Wv + o * Ci * 16) * xv[0];
-          for (int64_t c = 1; c < Ci; ++c) acc += vld(Wv + (o * Ci + c) * 16) * xv[c];
-          std::memcpy(v.data() + o * 16, &acc, sizeof(V));
-        }
+        project(Wv, C, Ci, xv.data(), v.data());
       }
       for (int64_t h = 0; h < heads; ++h) {
         const T* Ah = A + h * Ci * Ci;
@@ -167,15 +181,14 @@ static void fwd_impl(const T* x, const T* Wv, const T* A, const T* G, const T* v
         softmax16(P.data());
         for (int64_t dd = 0; dd < D; ++dd) {
           const int64_t ch = h * D + dd;
-          const T* vh = v.data() + ch * 16;
+          const V& vh = v[ch];
           V acc = P[0] * vh[0];
           for (int j = 1; j < 16; ++j) acc += P[j] * vh[j];
           if (pooled) {
             y[(b * C + ch) * hb * wb + r] = hmax16(acc * bn_scale[ch] + bn_shift[ch]);
             continue;
           }
-          T* yo = y + (b * C + ch) * HW + base;
-          for (int a = 0; a < 4; ++a) std::memcpy(yo + a * Wd, reinterpret_cast<T*>(&acc) + a * 4, 4 * sizeof(T));
+          store_block(y + (b * C + ch) * HW + base, Wd, acc);
         }
       }
     }
@@ -214,23 +227,11 @@ static void bwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, const 
     std::vector<V> xv(Ci), proj(3 * C), gp(3 * C), g(C), P(16), PT(16), dS(16), dST(16);
     for (int64_t blk = s; blk < e; ++blk) {
       const int64_t b = blk / (hb * wb), r = blk % (hb * wb), base = (r / wb) * 4 * Wd + (r % wb) * 4;
-      for (int64_t c = 0; c < Ci; ++c) {
-        const T* xs = x + (b * Ci + c) * HW + base;
-        for (int a = 0; a < 4; ++a)
-          for (int e2 = 0; e2 < 4; ++e2) xv[c][a * 4 + e2] = xs[a * Wd + e2];
-      }
-      for (int64_t o = 0; o < O; ++o) {
-        V acc = vld(Wt + o * Ci * 16) * xv[0];
-        for (int64_t c = 1; c < Ci; ++c) acc += vld(Wt + (o * Ci + c) * 16) * xv[c];
-        proj[o] = acc;
-      }
+      for (int64_t c = 0; c < Ci; ++c) xv[c] = load_block(x + (b * Ci + c) * HW + base, Wd);
+      project(Wt, O, Ci, xv.data(), proj.data());
       if (vmap != nullptr)
-        for (int64_t o = 0; o < C; ++o)
-          for (int a = 0; a < 4; ++a)
-            for (int e2 = 0; e2 < 4; ++e2) proj[2 * C + o][a * 4 + e2] = vmap[(b * C + o) * HW + base + a * Wd + e2];
-      for (int64_t o = 0; o < C; ++o)
-        for (int a = 0; a < 4; ++a)
-          for (int e2 = 0; e2 < 4; ++e2) g[o][a * 4 + e2] = gy[(b * C + o) * HW + base + a * Wd + e2];
+        for (int64_t o = 0; o < C; ++o) proj[2 * C + o] = load_block(vmap + (b * C + o) * HW + base, Wd);
+      for (int64_t o = 0; o < C; ++o) g[o] = load_block(gy + (b * C + o) * HW + base, Wd);
       for (int64_t h = 0; h < heads; ++h) {
         const V* q = proj.data() + h * D;
         const V* k = proj.data() + C + h * D;
@@ -268,17 +269,14 @@ static void bwd_impl(const T* x, const T* Wt, const T* Rt, const T* vmap, const 
         }
       }
       if (vmap != nullptr)
-        for (int64_t o = 0; o < C; ++o)
-          for (int a = 0; a < 4; ++a)
-            for (int e2 = 0; e2 < 4; ++e2) gv[(b * C + o) * HW + base + a * Wd + e2] = gp[2 * C + o][a * 4 + e2];
+        for (int64_t o = 0; o < C; ++o) store_block(gv + (b * C + o) * HW + base, Wd, gp[2 * C + o]);
       for (int64_t c = 0; c < Ci; ++c) {
         V acc = vsplat(T(0));
         for (int64_t o = 0; o < O; ++o) {
           aW[o * Ci + c] += gp[o] * xv[c];
           acc += vld(Wt + (o * Ci + c) * 16) * gp[o];
         }
-        T* gxo = gx + (b * Ci + c) * HW + base;
-        for (int a = 0; a < 4; ++a) std::memcpy(gxo + a * Wd, reinterpret_cast<T*>(&acc) + a * 4, 4 * sizeof(T));
+        store_block(gx + (b * Ci + c) * HW + base, Wd, acc);
       }
     }
   });
