@@ -59,6 +59,22 @@ if _HAVE_TRITON:
         return s
 
     @triton.jit
+    def _tile(PTR, base, pix, chan, pix_ok, chan_ok, HW):
+        """[pixels, channels] tile in fp32 of a [C, H*W] plane at PTR + base (0 where masked)."""
+        t = tl.load(PTR + base + chan[None, :] * HW + pix[:, None], mask=pix_ok[:, None] & chan_ok[None, :], other=0.0)
+        return t.to(tl.float32)
+
+    @triton.jit
+    def _rel_row(RR, t, d, DR):
+        """Row offset t's embedding, in the first DR channels of a D-vector."""
+        return tl.load(RR + t * DR + d, mask=d < DR, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _rel_col(RC, u, d, D, DR):
+        """Column offset u's embedding, in channels DR..D-1 of a D-vector."""
+        return tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & (d < D), other=0.0).to(tl.float32)
+
+    @triton.jit
     def _fwd_kernel(
         Q, Kt, V, RR, RC, Out, LSE,
         H, W, D, DV, DR,
@@ -77,10 +93,7 @@ if _HAVE_TRITON:
         dm = d < D
         e = tl.arange(0, BLOCK_DV)
         em = e < DV
-        q = tl.load(
-            Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0
-        )
-        q = q.to(tl.float32)
+        q = _tile(Q, bn * D * HW, p, d, pin, dm, HW)
         m = tl.full([BLOCK_M], NEG, tl.float32)
         denom = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -91,32 +104,21 @@ if _HAVE_TRITON:
             ii = i + t - R
             row_ok = (ii >= 0) & (ii < H) & pin
             if HAS_REL:
-                rr_t = tl.load(RR + t * DR + d, mask=d < DR, other=0.0).to(tl.float32)
+                rr_t = _rel_row(RR, t, d, DR)
             for u in range(K):
                 jj = j + u - R
                 ok = row_ok & (jj >= 0) & (jj < W)
                 src = ii * W + jj
                 if HAS_K:
-                    kt = tl.load(
-                        Kt + bn * D * HW + d[None, :] * HW + src[:, None],
-                        mask=ok[:, None] & dm[None, :],
-                        other=0.0,
-                    )
-                    kt = kt.to(tl.float32)
+                    kt = _tile(Kt, bn * D * HW, src, d, ok, dm, HW)
                 if HAS_REL:
-                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(
-                        tl.float32
-                    )
+                    rc_u = _rel_col(RC, u, d, D, DR)
                 s = _logit(q, kt, rr_t, rc_u, ok, HAS_K, HAS_REL, MASK)
                 m_new = tl.maximum(m, s)
                 alpha = tl.exp(m - m_new)
                 pe = tl.exp(s - m_new)
-                vt = tl.load(
-                    V + bn * DV * HW + e[None, :] * HW + src[:, None],
-                    mask=ok[:, None] & em[None, :],
-                    other=0.0,
-                )
-                acc = acc * alpha[:, None] + pe[:, None] * vt.to(tl.float32)
+                vt = _tile(V, bn * DV * HW, src, e, ok, em, HW)
+                acc = acc * alpha[:, None] + pe[:, None] * vt
                 denom = denom * alpha + pe
                 m = m_new
         out = acc / denom[:, None]
@@ -146,14 +148,8 @@ if _HAVE_TRITON:
         dm = d < D
         e = tl.arange(0, BLOCK_DV)
         em = e < DV
-        q = tl.load(
-            Q + bn * D * HW + d[None, :] * HW + p[:, None], mask=pin[:, None] & dm[None, :], other=0.0
-        )
-        q = q.to(tl.float32)
-        g = tl.load(
-            G + bn * DV * HW + e[None, :] * HW + p[:, None], mask=pin[:, None] & em[None, :], other=0.0
-        )
-        g = g.to(tl.float32)
+        q = _tile(Q, bn * D * HW, p, d, pin, dm, HW)
+        g = _tile(G, bn * DV * HW, p, e, pin, em, HW)
         lse = tl.load(LSE + bn * HW + p, mask=pin, other=0.0)
         delta = tl.load(DELTA + bn * HW + p, mask=pin, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -164,31 +160,20 @@ if _HAVE_TRITON:
             ii = i + t - R
             row_ok = (ii >= 0) & (ii < H) & pin
             if HAS_REL:
-                rr_t = tl.load(RR + t * DR + d, mask=d < DR, other=0.0).to(tl.float32)
+                rr_t = _rel_row(RR, t, d, DR)
             rs = tl.zeros([BLOCK_M], tl.float32)
             for u in range(K):
                 jj = j + u - R
                 ok = row_ok & (jj >= 0) & (jj < W)
                 src = ii * W + jj
                 if HAS_K:
-                    kt = tl.load(
-                        Kt + bn * D * HW + d[None, :] * HW + src[:, None],
-                        mask=ok[:, None] & dm[None, :],
-                        other=0.0,
-                    )
-                    kt = kt.to(tl.float32)
+                    kt = _tile(Kt, bn * D * HW, src, d, ok, dm, HW)
                 if HAS_REL:
-                    rc_u = tl.load(RC + u * (D - DR) + (d - DR), mask=(d >= DR) & dm, other=0.0).to(
-                        tl.float32
-                    )
+                    rc_u = _rel_col(RC, u, d, D, DR)
                 s = _logit(q, kt, rr_t, rc_u, ok, HAS_K, HAS_REL, MASK)
                 pr = tl.where(pin, tl.exp(s - lse), 0.0)
-                vt = tl.load(
-                    V + bn * DV * HW + e[None, :] * HW + src[:, None],
-                    mask=ok[:, None] & em[None, :],
-                    other=0.0,
-                )
-                dp = tl.sum(g * vt.to(tl.float32), 1)
+                vt = _tile(V, bn * DV * HW, src, e, ok, em, HW)
+                dp = tl.sum(g * vt, 1)
                 ds = pr * (dp - delta)
                 dq += ds[:, None] * (kt + rr_t[None, :] + rc_u[None, :])
                 if HAS_REL:
