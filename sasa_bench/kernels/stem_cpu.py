@@ -368,19 +368,38 @@ def _folded(wc: torch.Tensor, rc: torch.Tensor, heads: int) -> tuple[torch.Tenso
     return wv, a, g
 
 
+def _kernel_inputs(x: torch.Tensor, weight_t: torch.Tensor, rel_t: torch.Tensor, vmap: torch.Tensor | None):
+    """Contiguous copies in the kernel's dtype (fp32, or fp64 for fp64 inputs); an empty ``vmap``."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xc = x.to(dtype).contiguous()
+    vc = vmap.to(dtype).contiguous() if vmap is not None else xc.new_empty(0)
+    return xc, weight_t.to(dtype).contiguous(), rel_t.to(dtype).contiguous(), vc
+
+
+def _forward(
+    xc: torch.Tensor, wc: torch.Tensor, rc: torch.Tensor, vc: torch.Tensor, heads: int,
+    bn_scale: torch.Tensor | None = None, bn_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The forward kernel on :func:`_kernel_inputs`; pooled through BN when ``bn_scale`` is given."""
+    sc = sh = xc.new_empty(0)
+    if bn_scale is not None and bn_shift is not None:
+        sc, sh = bn_scale.to(xc.dtype).contiguous(), bn_shift.to(xc.dtype).contiguous()
+    return _load().stem_forward(xc, *_folded(wc, rc, heads), vc, heads, rc.shape[1] * heads, sc, sh)
+
+
+def _require() -> None:
+    if _load() is None:
+        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
+
+
 class _StemBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, rel_t, vmap, heads):  # noqa: ANN001, ANN205
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        xc = x.to(dtype).contiguous()
-        wc = weight.to(dtype).contiguous()
-        rc = rel_t.to(dtype).contiguous()
-        vc = vmap.to(dtype).contiguous() if vmap is not None else xc.new_empty(0)
+        xc, wc, rc, vc = _kernel_inputs(x, weight, rel_t, vmap)
         ctx.save_for_backward(xc, wc, rc, vc)
         ctx.heads = heads
         ctx.dtypes = (x.dtype, weight.dtype, rel_t.dtype, vmap.dtype if vmap is not None else None)
-        none = xc.new_empty(0)
-        return _load().stem_forward(xc, *_folded(wc, rc, heads), vc, heads, rc.shape[1] * heads, none, none)
+        return _forward(xc, wc, rc, vc, heads)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
@@ -396,13 +415,13 @@ def stem_block_attention(
     """Block attention of the stem in one fused pass.
 
     x [B, C_in, H, W] (H, W multiples of 4); weight [16, O, C_in]: per block position the stacked
-    query, key and (when ``vmap`` is None) value projections, O = 3C (2C with ``vmap``);
+    query, key and (when ``vmap`` is None) value projections, O = 3C (2C with ``vmap``); the query
+    and key rows must not depend on the position (the forward folds them, see the C++ source);
     rel [16 (query), 16 (key), D]: the relative logit table, shared by the heads;
     vmap [B, C, H, W] or None: precomputed values. Returns [B, C, H, W] in fp32 (fp64 for fp64
     inputs; bf16/fp16 inputs are computed in fp32). Raises RuntimeError if the kernel is unavailable.
     """
-    if _load() is None:
-        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
+    _require()
     # the kernel's layouts put the query position last (one vector per row): [O, C_in, 16], [16, D, 16]
     return _StemBlockAttention.apply(x, weight.permute(1, 2, 0), rel.permute(1, 2, 0), vmap, heads)
 
@@ -421,14 +440,7 @@ def stem_block_attention_pooled(
     Same arguments as :func:`stem_block_attention` plus the eval-mode BatchNorm folded to a
     per-channel affine [C]; returns [B, C, H/4, W/4]. The full-resolution map is never written.
     """
-    if _load() is None:
-        raise RuntimeError(f"the fused attention-stem kernel is unavailable: {EXTENSION.failed}")
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    xc = x.to(dtype).contiguous()
-    wc, rc = weight.permute(1, 2, 0).to(dtype), rel.permute(1, 2, 0).to(dtype)
-    vc = vmap.to(dtype).contiguous() if vmap is not None else xc.new_empty(0)
-    y = _load().stem_forward(
-        xc, *_folded(wc, rc, heads), vc, heads, rc.shape[1] * heads,
-        bn_scale.to(dtype).contiguous(), bn_shift.to(dtype).contiguous(),
-    )
-    return y if x.dtype == dtype else y.to(x.dtype)
+    _require()
+    inputs = _kernel_inputs(x, weight.permute(1, 2, 0), rel.permute(1, 2, 0), vmap)
+    y = _forward(*inputs, heads, bn_scale, bn_shift)
+    return y if x.dtype == y.dtype else y.to(x.dtype)
