@@ -1,0 +1,118 @@
+"""What this host is and can do fast: CPU model and ISA, native bf16, precision by capability.
+
+One home for the facts every benchmark and training records (``host_info``) and for the choice
+of precision: a default of ``auto`` means bf16 only where the device computes bf16 natively and
+fp32 elsewhere, because on a CPU without native bf16 PyTorch runs bf16 convolutions through
+``slow_conv2d`` (3-4x slower than fp32 on an AVX2 host, measured). ``--precision bf16`` still
+forces it, with one warning line.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import warnings
+from typing import Any, Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)  # what a user may ask for
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# CPU flags (as /proc/cpuinfo spells them) that mean bf16 arithmetic in hardware.
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, aarch64 FEAT_BF16
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key == "model name" and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = line.split(":", 1)[1]
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine() or "cpu", frozenset(flags.split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (e.g. "AMD EPYC"), from /proc/cpuinfo, else platform's answer."""
+    return _cpuinfo()[0]
+
+
+def cpu_flags() -> frozenset[str]:
+    return _cpuinfo()[1]
+
+
+def aten_capability() -> str:
+    """The vector ISA PyTorch's own CPU kernels run with (``AVX512``, ``AVX2``, ``DEFAULT``, ...);
+    honours ``ATEN_CPU_CAPABILITY``."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # very old torch
+        return "unknown"
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 convolutions natively (not through a slow fallback).
+
+    CPU: oneDNN must support bf16 on this CPU (``_is_mkldnn_bf16_supported``, which honours
+    ``ONEDNN_MAX_CPU_ISA``) *and* the CPU must have bf16 instructions: AVX-512 without
+    AVX512-BF16 passes oneDNN's check but only emulates bf16. CUDA: ``is_bf16_supported``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        onednn = False
+    return onednn and any(f in cpu_flags() for f in _BF16_FLAGS)
+
+
+def resolve_precision(requested: str | None, device: torch.device | str = "cpu", warn: bool = True) -> str:
+    """``auto``/``None`` -> bf16 where native, else fp32; an explicit choice is kept (bf16 on a
+    host without native bf16 warns once, in one line, that it will be slow)."""
+    device = torch.device(device)
+    if requested in (None, "auto"):
+        return "bf16" if native_bf16(device) else "fp32"
+    if requested == "bf16" and warn and not native_bf16(device):
+        warnings.warn(
+            f"bf16 forced on a {device.type} without native bf16 ({cpu_model()}, {aten_capability()}): "
+            "convolutions take a slow path; --precision auto picks fp32 here",
+            stacklevel=2,
+        )
+    return requested
+
+
+def host_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Everything a result needs to say where it was measured: CPU model and ISA, GPU, versions."""
+    device = torch.device(device)
+    gpu = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device)
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_isa": aten_capability(),
+        "native_bf16": native_bf16(device),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if limit:
+        info["onednn_max_cpu_isa"] = limit
+    return info
