@@ -83,11 +83,15 @@ class Study:
 
 
 def studies_dir() -> Path:
-    """Where study files live: ``$SASA_BENCH_STUDIES`` or the repository's ``ablations/``."""
+    """Where study files live: ``$SASA_BENCH_STUDIES``; else the checkout's top-level
+    ``ablations/`` (the source of truth, for a clone or an editable install); else the copy a
+    wheel ships as ``sasa_bench/ablations/`` (pyproject maps the top-level folder there)."""
     env = os.environ.get("SASA_BENCH_STUDIES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "ablations"
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "ablations"
+    return checkout if checkout.is_dir() else package / "ablations"
 
 
 def find_studies(directory: Path | None = None) -> dict[str, Path]:

@@ -337,9 +337,42 @@ class DataConfig:
     synthetic_train: int = 2048
     synthetic_eval: int = 512
     augment: bool = True
+    train_images: int | None = None  # a fixed subset of this many training images (None = all)
+    eval_images: int | None = None  # likewise for the eval split
+
+
+SUBSET_SEED = 0  # subsets are fixed, like the held-out split: every --seed trains on the same images
+
+
+def subset_indices(n: int, keep: int | None) -> torch.Tensor | None:
+    """The sorted indices of a fixed random subset of ``keep`` of ``n`` items (None: all of them)."""
+    if keep is None or keep >= n:
+        return None
+    gen = torch.Generator().manual_seed(mix_seed(SUBSET_SEED, n, keep))
+    return torch.randperm(n, generator=gen)[:keep].sort().values
+
+
+def take(data: TrainData, keep: int | None) -> TrainData:
+    """``data`` restricted to its fixed subset of ``keep`` items (the short recipe's budget)."""
+    idx = subset_indices(len(data), keep)
+    if idx is None:
+        return data
+    if isinstance(data, InMemoryData):
+        data.images, data.labels = data.images[idx], data.labels[idx]
+    elif isinstance(data, FolderData):
+        data.ds.indices = data.ds.indices[idx] if data.ds.indices is not None else idx
+    else:  # pragma: no cover - every dataset above is one of the two
+        raise SasaError(f"cannot take a subset of {type(data).__name__}")
+    return data
 
 
 def load_data(cfg: DataConfig) -> tuple[TrainData, TrainData]:
+    """(train, eval) splits for ``cfg.data``, cut to ``train_images`` / ``eval_images``."""
+    train, evaluation = _load_splits(cfg)
+    return take(train, cfg.train_images), take(evaluation, cfg.eval_images)
+
+
+def _load_splits(cfg: DataConfig) -> tuple[TrainData, TrainData]:
     """(train, eval) splits for ``cfg.data``; every problem is one SasaError line."""
     if cfg.data == "fashion-mnist":
         root = Path(cfg.data_dir) if cfg.data_dir else FASHION_MNIST_DIR
