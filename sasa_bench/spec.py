@@ -7,10 +7,11 @@ a validated spec, so every bad value is rejected here with one clear :class:`Sas
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from sasa_bench.errors import SasaError
+from sasa_bench.errors import SasaError, check_types
 from sasa_bench.layers.attention import check_attention_args
 from sasa_bench.layers.stems import STEM_CHOICES
 
@@ -24,6 +25,25 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
 BASE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; the output of each block is 4x this
 STEM_WIDTH = 64
 EXPANSION = 4
+
+# Detection (Table 2): a RetinaNet on the ResNet (see sasa_bench/models/detection.py for why
+# each default reproduces the paper's counts). detector="none" is a classifier.
+DETECTOR_CHOICES = ("none", "retinanet")
+FPN_CHOICES = ("conv", "attention")  # the FPN *and* the class/box heads
+P6_CHOICES = ("p5", "c5")
+HEAD_PREDICTOR_CHOICES = ("attention", "conv")
+HEAD_NORM_CHOICES = ("none", "gn")
+FPN_WIDTH = 256
+# The detection fields, with the defaults a classifier carries (omitted from its to_dict, so
+# classification result keys are unchanged).
+DETECTION_DEFAULTS: dict[str, Any] = {
+    "detector": "none",
+    "fpn": "conv",
+    "p6_from": "p5",
+    "anchor_scales": 2,
+    "head_predictor": "attention",
+    "head_norm": "none",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,12 @@ class ModelSpec:
     stem_heads: int = 4
     stem_mixtures: int = 4
     backend: str = "auto"
+    detector: str = "none"
+    fpn: str = "conv"
+    p6_from: str = "p5"
+    anchor_scales: int = 2
+    head_predictor: str = "attention"
+    head_norm: str = "none"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -70,6 +96,9 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["attention_groups"] = list(self.attention_groups)
+        if self.detector == "none":
+            for k in DETECTION_DEFAULTS:
+                d.pop(k)
         return d
 
 
@@ -84,11 +113,13 @@ def parse_groups(value: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
         items = [str(v) for v in value]
     else:
         text = value.strip().lower()
-        if text in ("none", "", "-"):
+        if text in ("none", "-"):
             return ()
         if text == "all":
             return (1, 2, 3, 4)
-        items = [p.strip() for p in text.split(",") if p.strip()]
+        items = [p.strip() for p in text.split(",")]
+        if not text or "" in items:  # '' and '3,' are typos, not "none"
+            raise SasaError(f"attention groups must be a comma list of 1..4 or 'none', got {value!r}")
     try:
         groups = tuple(sorted({int(p) for p in items}))
     except ValueError:
@@ -98,8 +129,16 @@ def parse_groups(value: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     return groups
 
 
+# Upper bounds that keep a typo from allocating the machine away (flops, latency and training all
+# build the model): 16x ResNet-50's width is ~6 G parameters; 100k classes is 5x ImageNet-21k.
+MAX_WIDTH = 16.0
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 2048
+
+
 def validate(spec: ModelSpec) -> None:
     """Reject anything the builder could not build, with one line saying what and why."""
+    check_types(spec, "model")
     if spec.depth not in DEPTHS:
         raise SasaError(f"unknown depth {spec.depth} (choose from {', '.join(map(str, DEPTHS))})")
     if spec.stem not in STEM_CHOICES:
@@ -108,13 +147,13 @@ def validate(spec: ModelSpec) -> None:
         g not in (1, 2, 3, 4) for g in spec.attention_groups
     ):
         raise SasaError(f"attention groups must be among 1,2,3,4, got {spec.attention_groups!r}")
-    if not spec.width > 0:
-        raise SasaError(f"width multiplier must be > 0, got {spec.width}")
-    if spec.num_classes < 1:
-        raise SasaError(f"num classes must be >= 1, got {spec.num_classes}")
-    if spec.image_size < 32 or spec.image_size % 32:
+    if not 0 < spec.width <= MAX_WIDTH:
+        raise SasaError(f"width multiplier must be in (0, {MAX_WIDTH:g}], got {spec.width}")
+    if not 1 <= spec.num_classes <= MAX_CLASSES:
+        raise SasaError(f"num classes must be in 1..{MAX_CLASSES}, got {spec.num_classes}")
+    if spec.image_size < 32 or spec.image_size % 32 or spec.image_size > MAX_IMAGE_SIZE:
         raise SasaError(
-            f"image size must be a positive multiple of 32 (the network downsamples 32x), got {spec.image_size}"
+            f"image size must be a multiple of 32 (the network downsamples 32x) in 32..{MAX_IMAGE_SIZE}, got {spec.image_size}"
         )
     for w in (scaled_width(b, spec.width) for b in BASE_WIDTHS):
         check_attention_args(w, spec.kernel_size, spec.heads, spec.pos, spec.logits, spec.border, spec.scale)
@@ -127,6 +166,30 @@ def validate(spec: ModelSpec) -> None:
     from sasa_bench.kernels import check_backend_name
 
     check_backend_name(spec.backend)
+    _validate_detection(spec)
+
+
+def _validate_detection(spec: ModelSpec) -> None:
+    for name, choices in (
+        ("detector", DETECTOR_CHOICES),
+        ("fpn", FPN_CHOICES),
+        ("p6_from", P6_CHOICES),
+        ("head_predictor", HEAD_PREDICTOR_CHOICES),
+        ("head_norm", HEAD_NORM_CHOICES),
+    ):
+        if getattr(spec, name) not in choices:
+            raise SasaError(f"unknown {name.replace('_', ' ')} {getattr(spec, name)!r} (choose from {', '.join(choices)})")
+    if spec.detector == "none":
+        changed = [k for k, v in DETECTION_DEFAULTS.items() if getattr(spec, k) != v]
+        if changed:
+            raise SasaError(f"{', '.join(changed)} only apply to a detector (e.g. --model retinanet_resnet50)")
+        return
+    if not 1 <= spec.anchor_scales <= 4:
+        raise SasaError(f"anchor scales must be 1..4 per octave, got {spec.anchor_scales}")
+    if spec.image_size < 128:
+        raise SasaError(f"a RetinaNet needs image size >= 128 (P7 is 1/128 of the input), got {spec.image_size}")
+    if spec.fpn == "attention":
+        check_attention_args(FPN_WIDTH, spec.kernel_size, spec.heads, spec.pos, spec.logits, spec.border, spec.scale)
 
 
 def _presets() -> dict[str, ModelSpec]:
@@ -135,7 +198,34 @@ def _presets() -> dict[str, ModelSpec]:
         out[f"resnet{depth}"] = ModelSpec(name=f"resnet{depth}", depth=depth, attention_groups=())
         out[f"sasa_resnet{depth}_convstem"] = ModelSpec(name=f"sasa_resnet{depth}_convstem", depth=depth)
         out[f"sasa_resnet{depth}"] = ModelSpec(name=f"sasa_resnet{depth}", depth=depth, stem="attention")
+    for name in TABLE2_MODELS:
+        out[name] = _retinanet(name, {c.name: c for c in out.values()})
     return out
+
+
+# The five detectors of the paper's Table 2, in its order.
+TABLE2_MODELS = [
+    "retinanet_resnet50",
+    "retinanet_sasa_resnet50_convstem",
+    "retinanet_sasa_resnet50",
+    "retinanet_sasa_resnet50_convstem_attnfpn",
+    "retinanet_sasa_resnet50_attnfpn",
+]
+# COCO at the paper's counting size: 90 class slots (COCO's category ids 1..90, as in the
+# TF/TPU RetinaNet) and a 640 x 640 input (the recipe's maximum dimension).
+DETECTION_CLASSES = 90
+DETECTION_IMAGE_SIZE = 640
+
+
+def _retinanet(name: str, classifiers: dict[str, ModelSpec]) -> ModelSpec:
+    backbone = name.removeprefix("retinanet_").removesuffix("_attnfpn")
+    return classifiers[backbone].replace(
+        name=name,
+        detector="retinanet",
+        fpn="attention" if name.endswith("_attnfpn") else "conv",
+        num_classes=DETECTION_CLASSES,
+        image_size=DETECTION_IMAGE_SIZE,
+    )
 
 
 PRESETS: dict[str, ModelSpec] = _presets()
@@ -179,11 +269,16 @@ def auto_name(spec: ModelSpec) -> str:
         base = f"sasa_resnet{spec.depth}_convstem"
     else:
         base = f"sasa_resnet{spec.depth}"
-    ref = PRESETS[base].to_dict()
+    ref_name = base
+    if spec.detector != "none":
+        suffix = "_attnfpn" if spec.fpn == "attention" else ""
+        base = f"retinanet_{base}{suffix}"
+        ref_name = base if base in PRESETS else f"retinanet_{re.sub(r'resnet[0-9]+', 'resnet50', ref_name)}{suffix}"
+    ref = PRESETS[ref_name].to_dict()
     diffs = [
         f"{k}={_short(v)}"
         for k, v in spec.to_dict().items()
-        if k not in ("name", "backend") and v != ref[k] and not (k == "attention_groups" and not v and not ref[k])
+        if k not in ("name", "backend") and v != ref.get(k) and not (k == "attention_groups" and not v and not ref[k])
     ]
     return base + (f"[{' '.join(diffs)}]" if diffs else "")
 

@@ -162,10 +162,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch):
 
     def measure_latency(specs, opts, vs=None, progress=None):
         calls["latency"].append((specs, vs, opts))
+        dev, warmup, iters = opts.resolved()
         return [{"model": specs[0].name, "vs_model": vs.name, "median_ms": 2.0, "vs_median_ms": 1.0, "time_ratio": 2.0,
-                 "batch_size": opts.batch_size, "device_name": "fake cpu", "spec": specs[0].to_dict()}]
+                 "batch_size": opts.batch_size, "batch_size_requested": opts.batch_size, "device_name": "fake cpu",
+                 "device": str(dev), "warmup": warmup, "iters": iters, "spec": specs[0].to_dict(), "vs_spec": vs.to_dict()}]
 
-    def run_training(spec, cfg, out_dir, progress=True, resume=None):
+    def run_training(spec, cfg, out_dir, progress=True, resume=None, **_):
         calls["train"].append((spec, cfg, out_dir, resume))
         return {"model": spec.name, "top1": 80.0 + cfg.seed, "top5": 99.0, "wall_s": 1.0, "spec": spec.to_dict()}
 

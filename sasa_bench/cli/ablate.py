@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import shlex
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,14 +33,19 @@ def ablate(
     backend: Annotated[str | None, typer.Option(help="Attention backend (see `sasa-bench backends`). (default: auto)", rich_help_panel=_SPEED)] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time each variant interleaved against the study's baseline.", rich_help_panel=_SPEED)] = True,
     latency_iters: Annotated[int, typer.Option(help="Timed batches per model (after 2 warm-up batches).", rich_help_panel=_SPEED)] = 5,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads for latency and training. (default: latency torch's, training the recipe's)", rich_help_panel=_SPEED)] = None,
 ) -> None:
     """Run a study: params, GFLOPS, latency vs the study's baseline and (with --train) accuracy for
-    every variant, one result file per variant and seed. Re-running resumes."""
+    every variant, one result file per variant and seed. Re-running resumes: a unit whose result
+    file is unreadable, or was made with other settings, is redone (saying why)."""
     from sasa_bench.studies import find_studies, load_study
-    from sasa_bench.studies.expand import parse_shard, spec_flags
-    from sasa_bench.studies.runner import RunOptions, plan, result_path, run_study
+    from sasa_bench.studies.expand import parse_shard
+    from sasa_bench.studies.runner import RunOptions, plan, run_study
+    from sasa_bench.studies.spec import studies_dir
 
     if list_:
+        if not find_studies():
+            raise SasaError(f"no study files (*.toml) in {studies_dir()} (set SASA_BENCH_STUDIES to a folder of them)")
         for study_name, path in find_studies().items():
             try:
                 line = load_study(path).summary
@@ -69,58 +73,69 @@ def ablate(
         latency_iters=latency_iters,
         shard=parse_shard(shard),
         force=force,
+        threads=threads,
         command=_command(
             name, train=train, seeds=seeds, data=data, data_dir=data_dir, device=device, results=results,
             image_size=image_size, batch_size=batch_size, backend=backend, latency_iters=latency_iters,
+            threads=threads,
         ) + ("" if latency else " --no-latency"),
     )
-    variants, todo = plan(study, opts)
+    variants, todo = plan(study, opts)  # every option checked here, before any unit (and --dry-run)
 
     if dry_run:
-        print(f"# {study.name}: {study.title} ({study.paper_ref}); {len(variants)} variants, {len(todo)} units in this shard")
-        for u in todo:
-            v = u.variant
-            done = result_path(results, study, u).exists()
-            paper = ", ".join(f"{k}={x:g}" for k, x in v.paper.items()) or "—"
-            print(f"\n## {u.key}  [{v.label}]  {v.spec.name}  paper: {paper}{'  (done)' if done else ''}")
-            flags = spec_flags(v.model, v.overrides)
-            print(f"sasa-bench flops {flags}")
-            if latency and u.seed == 0 and v.vs is not None:
-                bs = batch_size or opts.latency_batch
-                print(f"sasa-bench latency {flags} --vs {v.vs.name} --batch-size {bs} --iters {latency_iters} --device {device}")
-            if train != "none":
-                extra = "".join(f" --{k.replace('_', '-')} {x}" for k, x in (("data", data), ("data_dir", data_dir), ("batch_size", batch_size)) if x)
-                print(f"sasa-bench train {flags} --recipe {train} --seed {u.seed}{extra}")
+        _print_plan(study, opts, variants, todo)
         return
 
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sasa_bench.progress import StudyDisplay
 
     err_console.print(
         f"[bold]{escape(study.name)}[/]: {escape(study.title)} — {len(todo)} unit(s) "
         f"(train={train}, shard {opts.shard[0]}/{opts.shard[1]}) -> {results / study.name}"
     )
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task(study.name, total=len(todo))
-
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, description=escape(f"{study.name}: {message}"))
-
-        def log(message: str) -> None:
-            bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}", highlight=False)
-
-        report = run_study(study, opts, progress=progress, log=log)
+    with StudyDisplay(study.name, len(todo)) as display:
+        report = run_study(study, opts, progress=display.progress, log=display.log, step_progress=display.step)
+    redone = f" ({len(report.redone)} redone: unreadable or stale)" if report.redone else ""
     err_console.print(
-        f"{len(report.written)} written, {len(report.skipped)} already done (skipped); "
+        f"{len(report.written)} written{redone}, {len(report.skipped)} already done (skipped); "
         f"`sasa-bench report --results {results}` builds the tables"
     )
+
+
+def _print_plan(study: Any, opts: Any, variants: list[Any], todo: list[Any]) -> None:
+    """--dry-run: each unit's status and the single commands that do its work (they run as pasted)."""
+    from sasa_bench.cli.options import SHARED_FIELDS
+    from sasa_bench.spec import make_spec
+    from sasa_bench.studies.expand import spec_flags
+    from sasa_bench.studies.runner import unit_status
+
+    q = shlex.quote
+    print(f"# {study.name}: {study.title} ({study.paper_ref}); {len(variants)} variants, {len(todo)} units in this shard")
+    for u in todo:
+        v = u.variant
+        status, why = ("todo", "") if opts.force else unit_status(study, u, opts)
+        mark = {"todo": "", "done": "  (done)"}.get(status, f"  ({status}: {why}; will redo)")
+        paper = ", ".join(f"{k}={x:g}" for k, x in v.paper.items()) or "—"
+        print(f"\n## {u.key}  [{v.label}]  {v.spec.name}  paper: {paper}{mark}")
+        flags = spec_flags(v.model, v.overrides)
+        print(f"sasa-bench flops {flags}")
+        if opts.latency and u.seed == 0 and v.vs is not None:
+            lat = f"--batch-size {opts.batch_size or opts.latency_batch} --iters {opts.latency_iters} --device {q(opts.device)}"
+            lat += f" --threads {opts.threads}" if opts.threads else ""
+            shared = {k: x for k, x in v.overrides.items() if k in SHARED_FIELDS}
+            if make_spec(v.vs_model, **shared).to_dict() | {"name": ""} == v.vs.to_dict() | {"name": ""}:
+                print(f"sasa-bench latency {flags} --vs {q(v.vs_model)} {lat}")
+            else:  # --vs gives the baseline only the shared options: time the two apart
+                print(f"sasa-bench latency {flags} {lat}")
+                print(f"sasa-bench latency {spec_flags(v.vs_model, v.vs_overrides)} {lat}  # the baseline")
+        if u.train != "none":
+            extra = "".join(
+                f" --{k.replace('_', '-')} {q(str(x))}"
+                for k, x in (("data", opts.data), ("data_dir", opts.data_dir), ("batch_size", opts.batch_size), ("threads", opts.threads))
+                if x
+            )
+            print(f"sasa-bench train {flags} --recipe {u.train} --seed {u.seed}{extra}")
 
 
 def _command(name: str, **options: object) -> str:

@@ -24,7 +24,7 @@ CSV_COLUMNS = [
 
 def _int_list(text: str, what: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        return [int(s) for s in text.split(",")]  # '' and '1,,2' are typos: rejected, not "nothing"
     except ValueError:
         raise SasaError(f"--{what}: expected comma-separated integers, got {text!r}") from None
 

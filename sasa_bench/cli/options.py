@@ -60,6 +60,8 @@ _MODEL_PARAMS: dict[str, tuple[Any, Any]] = {
 
 # CLI name -> ModelSpec field where they differ.
 _FIELD = {"k": "kernel_size"}
+# The fields that describe the setting rather than the network: a baseline (`latency --vs`) gets them too.
+SHARED_FIELDS = ("width", "image_size", "num_classes", "backend")
 
 
 @dataclass(frozen=True)

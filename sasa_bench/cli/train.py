@@ -3,7 +3,6 @@
 Flags left out take their value from ``--config`` if given, else from the ``--recipe``.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,8 @@ def train(
     deterministic: Annotated[bool | None, _opt("Deterministic algorithms (bit-exact resume on CPU).", _R, "--deterministic/--no-deterministic")] = None,
     eval_every: Annotated[int | None, _opt("Evaluate every N epochs (and at the end).", _R)] = None,
     checkpoint_every: Annotated[int | None, _opt("Also checkpoint every N steps (always: every epoch).", _R)] = None,
-    resume: Annotated[str | None, _opt("auto (OUT/checkpoint.pt if present) | PATH.", _R)] = None,
+    resume: Annotated[str | None, _opt("auto (OUT/checkpoint.pt if present) | PATH. Without it, an --out that holds a run is refused.", _R)] = None,
+    resume_override: Annotated[bool, typer.Option("--resume-override", help="Resume even though training settings changed (LR, weight decay, precision, ...); the changes are recorded in config.yaml.", rich_help_panel=_R)] = False,
     out: Annotated[Path | None, _opt("Run directory. (default: runs/<model>-<timestamp>)", _R)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=_R)] = False,
 ) -> None:
@@ -61,7 +61,7 @@ def train(
     Multi-GPU / multi-process: ``torchrun --nproc-per-node N -m sasa_bench train ...``.
     Prints the summary JSON on stdout.
     """
-    from sasa_bench.store import safe_name
+    from sasa_bench.store import json_text, safe_name
     from sasa_bench.train import distributed as D
     from sasa_bench.train import resolve_config, run_training, spec_for
 
@@ -87,8 +87,8 @@ def train(
         if out is None:
             out = Path("runs") / f"{safe_name(spec.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
             out = Path(D.broadcast_object(str(out), env))
-        summary = run_training(spec, cfg, out, progress=not quiet, resume=resume)
+        summary = run_training(spec, cfg, out, progress=not quiet, resume=resume, resume_override=resume_override)
         if env.is_main:
-            sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+            sys.stdout.write(json_text(summary))
     finally:
         D.teardown(env)

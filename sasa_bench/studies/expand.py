@@ -28,6 +28,8 @@ class Variant:
     index: int = 0  # position in the study file (the report keeps the paper's order)
     model: str = ""  # the preset ``spec`` starts from
     overrides: dict[str, Any] = field(default_factory=dict)  # ... and the fields set on top of it
+    vs_model: str = ""  # the preset ``vs`` starts from
+    vs_overrides: dict[str, Any] = field(default_factory=dict)  # ... and its fields on top
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,16 @@ def expand(study: Study, overrides: dict[str, Any] | None = None) -> list[Varian
             spec = make_spec(preset, **fields)
             vs_name = v.latency_vs or study.latency_vs
             if vs_name == "base":
-                vs = make_spec(study.base_model, **{**study.base_set, **extra})
+                vs_model, vs_fields = study.base_model, {**study.base_set, **extra}
             else:
-                vs = make_spec(vs_name, **extra)
+                vs_model, vs_fields = vs_name, dict(extra)
+            vs = make_spec(vs_model, **vs_fields)
         except SasaError as e:
             raise SasaError(f"study {study.name!r}, variant {v.name!r}: {e}") from None
         out.append(
             Variant(
                 name=v.name, spec=spec, label=v.label, vs=vs, paper=dict(v.paper), note=v.note, index=i,
-                model=preset, overrides=fields,
+                model=preset, overrides=fields, vs_model=vs_model, vs_overrides=vs_fields,
             )
         )
     return out
@@ -119,11 +122,14 @@ _FLAGS = {
 
 
 def spec_flags(preset: str, overrides: dict[str, Any]) -> str:
-    """``--model PRESET --flag value ...`` for a preset and the fields set on top of it."""
-    parts = [f"--model {preset}"]
+    """``--model PRESET --flag value ...`` for a preset and the fields set on top of it,
+    shell-quoted (a printed command runs when pasted)."""
+    import shlex
+
+    parts = ["--model", shlex.quote(preset)]
     for k, v in overrides.items():
         if k in _FLAGS:
             if isinstance(v, (list, tuple)):
                 v = ",".join(map(str, v)) or "none"
-            parts.append(f"{_FLAGS[k]} {v}")
+            parts += [_FLAGS[k], shlex.quote(str(v))]
     return " ".join(parts)

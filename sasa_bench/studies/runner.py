@@ -9,7 +9,6 @@ only (and once per process).
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from sasa_bench.errors import SasaError
+from sasa_bench.kernels import resolve_backend
 from sasa_bench.spec import ModelSpec
-from sasa_bench.store import safe_name, write_result
+from sasa_bench.store import (
+    clean_stale_temps,
+    key_changes,
+    key_of_record,
+    read_record,
+    result_key,
+    safe_name,
+    write_result,
+)
 from sasa_bench.studies.expand import Unit, Variant, expand, shard_units, units
 from sasa_bench.studies.spec import Study
 
@@ -45,6 +53,7 @@ RESULT_FIELDS = {
     "env": "{cpu, gpu, torch, python, platform, threads}",
     "command": "the command line that produced the file",
     "elapsed_s": "seconds this unit took",
+    "key": "everything that produced the result (store.result_key): a unit whose key differs is redone",
 }
 
 
@@ -67,6 +76,7 @@ class RunOptions:
     latency_batch: int = 2
     shard: tuple[int, int] = (1, 1)
     force: bool = False
+    threads: int | None = None  # torch CPU threads for latency and training (None: torch's / the recipe's)
     command: str = ""
 
     def validate(self) -> RunOptions:
@@ -76,6 +86,8 @@ class RunOptions:
             raise SasaError(f"--latency-iters must be >= 1, got {self.latency_iters}")
         if self.batch_size is not None and self.batch_size < 1:
             raise SasaError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise SasaError(f"--threads must be >= 1, got {self.threads}")
         return self
 
     def model_overrides(self) -> dict[str, Any]:
@@ -87,6 +99,7 @@ class RunOptions:
 class RunReport:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
+    redone: list[Path] = field(default_factory=list)  # written over an unreadable or stale result
 
 
 def plan(study: Study, opts: RunOptions) -> tuple[list[Variant], list[Unit]]:
@@ -95,8 +108,15 @@ def plan(study: Study, opts: RunOptions) -> tuple[list[Variant], list[Unit]]:
     opts.validate()
     variants = expand(study, opts.model_overrides())
     mine = shard_units(units(variants, opts.seeds, opts.train), *opts.shard)
+    if opts.latency:
+        latency_options(opts).validate()  # e.g. --device cuda on a machine without one
+        if opts.backend:
+            resolve_backend(opts.backend, latency_options(opts).torch_device().type)
     if opts.train != "none":
         cfg = train_config(opts, 0)
+        check_training_data(cfg)
+        if opts.backend:
+            resolve_backend(opts.backend, _training_device().type)
         for v in variants:
             try:
                 train_spec(v, cfg)
@@ -109,27 +129,71 @@ def result_path(results_dir: Path, study: Study, unit: Unit) -> Path:
     return Path(results_dir) / safe_name(study.name) / f"{safe_name(unit.key)}.json"
 
 
+def unit_key(unit: Unit, opts: RunOptions) -> dict[str, Any]:
+    """The key the unit's result will carry when run with ``opts`` (see :func:`store.result_key`)."""
+    from sasa_bench.train.recipes import NEUTRAL_FIELDS
+
+    v = unit.variant
+    cfg = tspec = None
+    if unit.train != "none":
+        c = train_config(opts, unit.seed)
+        tspec = train_spec(v, c).to_dict()
+        c.precision = _training_precision(c.precision)
+        cfg = c.to_dict()
+    latency = None
+    if opts.latency and unit.seed == 0:
+        lat = latency_options(opts)
+        latency = {"vs": v.vs.to_dict() if v.vs else None, "batch_size": lat.batch_size, "iters": lat.iters,
+                   "warmup": lat.warmup, "device": str(lat.torch_device())}
+    return result_key(v.spec.to_dict(), unit.train, cfg, tspec, latency, NEUTRAL_FIELDS)
+
+
+def unit_status(study: Study, unit: Unit, opts: RunOptions) -> tuple[str, str]:
+    """("todo" | "done" | "stale" | "invalid", why): whether the unit's stored result counts."""
+    from sasa_bench.train.recipes import NEUTRAL_FIELDS
+
+    path = result_path(opts.results_dir, study, unit)
+    if not path.exists():
+        return "todo", ""
+    rec, reason = read_record(path)
+    if rec is None:
+        return "invalid", f"unreadable result ({reason})"
+    changes = key_changes(key_of_record(rec, NEUTRAL_FIELDS), unit_key(unit, opts))
+    if changes:
+        return "stale", ", ".join(changes)
+    return "done", ""
+
+
 def run_study(
     study: Study,
     opts: RunOptions,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    step_progress: Callable[[str, int, int], None] | None = None,
 ) -> RunReport:
-    """Run this shard's units that have no result file yet. ``progress(message, done, total)``."""
+    """Run this shard's units that have no valid, current result yet (an unreadable or stale
+    one is redone, saying why through ``log``). ``progress(message, done, total)`` counts units;
+    ``step_progress`` the steps inside the current unit (latency timing, training)."""
     _, todo = plan(study, opts)
     report = RunReport()
     latency_cache: dict[str, dict[str, Any] | None] = {}
     total = len(todo)
+    clean_stale_temps(Path(opts.results_dir) / safe_name(study.name))
     for i, unit in enumerate(todo):
         path = result_path(opts.results_dir, study, unit)
-        if path.exists() and not opts.force:
+        status, why = ("todo", "") if opts.force else unit_status(study, unit, opts)
+        if status == "done":
             report.skipped.append(path)
             if progress:
                 progress(f"{unit.key}: done already", i + 1, total)
             continue
+        if status in ("stale", "invalid"):
+            report.redone.append(path)
+            if log:
+                log(f"{unit.key}: {why}, redoing")
         if progress:
             progress(f"{unit.key}", i, total)
-        payload = run_unit(study, unit, opts, latency_cache, log)
+        payload = run_unit(study, unit, opts, latency_cache, log, step_progress)
         report.written.append(write_result(opts.results_dir, study.name, unit.key, payload))
         if progress:
             progress(f"{unit.key}", i + 1, total)
@@ -142,6 +206,7 @@ def run_unit(
     opts: RunOptions,
     latency_cache: dict[str, dict[str, Any] | None] | None = None,
     log: Callable[[str], None] | None = None,
+    step_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one unit and return its result payload (not yet written)."""
     t0 = time.perf_counter()
@@ -153,12 +218,12 @@ def run_unit(
         if v.name not in cache:
             if log:
                 log(f"timing {v.spec.name} vs {v.vs.name if v.vs else '—'}")
-            cache[v.name] = time_variant(v, opts)
+            cache[v.name] = time_variant(v, opts, step_progress)
         latency = cache[v.name]
     training = None
     if unit.train != "none":
-        training = train_unit(study, unit, opts)
-    return {
+        training = train_unit(study, unit, opts, step_progress, log)
+    payload = {
         "study": study.name,
         "study_title": study.title,
         "paper_ref": study.paper_ref,
@@ -178,6 +243,11 @@ def run_unit(
         "command": opts.command,
         "elapsed_s": time.perf_counter() - t0,
     }
+    from sasa_bench.train.recipes import NEUTRAL_FIELDS
+
+    # The key of what actually ran (the same function rebuilds it for files written before keys).
+    payload["key"] = key_of_record(payload, NEUTRAL_FIELDS)
+    return payload
 
 
 # --------------------------------------------------------------------------- measurements
@@ -191,16 +261,22 @@ def count(spec: ModelSpec) -> dict[str, Any]:
     return {k: row[k] for k in ("params", "params_m", "gmacs", "gflops", "image_size")}
 
 
-def time_variant(v: Variant, opts: RunOptions) -> dict[str, Any]:
-    from sasa_bench.measure.latency import LatencyOptions, measure_latency
+def latency_options(opts: RunOptions) -> Any:
+    from sasa_bench.measure.latency import LatencyOptions
 
-    lat = LatencyOptions(
+    return LatencyOptions(
         device=opts.device,
         batch_size=opts.batch_size or opts.latency_batch,
         warmup=opts.latency_warmup,
         iters=opts.latency_iters,
+        threads=opts.threads,
     )
-    rows = measure_latency([v.spec], lat, vs=v.vs)
+
+
+def time_variant(v: Variant, opts: RunOptions, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    from sasa_bench.measure.latency import measure_latency
+
+    rows = measure_latency([v.spec], latency_options(opts), vs=v.vs, progress=progress)
     row = dict(rows[0])
     row.pop("spec", None)  # the result file has it already
     return row
@@ -214,9 +290,36 @@ def train_config(opts: RunOptions, seed: int) -> Any:
         "data": opts.data,
         "data_dir": str(opts.data_dir) if opts.data_dir else None,
         "batch_size": opts.batch_size,
+        "threads": opts.threads,
         **opts.train_overrides,
     }
     return resolve_config(opts.train, None, overrides)
+
+
+def _training_precision(requested: str) -> str:
+    """The precision a training run records for ``requested`` here ("auto" resolves per device)."""
+    from sasa_bench.hardware import resolve_precision
+
+    return resolve_precision(requested, _training_device(), warn=False)
+
+
+def _training_device() -> Any:
+    """Where `sasa-bench train` (and so a study's training) runs: CUDA when available."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_training_data(cfg: Any) -> None:
+    """Dataset name and folder, checked before the first unit (loading waits for the unit)."""
+    from sasa_bench.train.data import DATASETS
+
+    if cfg.data not in DATASETS:
+        raise SasaError(f"unknown dataset {cfg.data!r} (choose from {', '.join(DATASETS)})")
+    if cfg.data == "imagenet" and not cfg.data_dir:
+        raise SasaError(f"--train {cfg.recipe} uses ImageNet: give --data-dir ROOT (with ROOT/train and ROOT/val)")
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise SasaError(f"--data-dir {cfg.data_dir}: no such folder")
 
 
 def train_spec(v: Variant, cfg: Any) -> ModelSpec:
@@ -224,41 +327,58 @@ def train_spec(v: Variant, cfg: Any) -> ModelSpec:
     recipe's width 0.25, 64x64, 10 classes), then the study's and the command line's fields."""
     from sasa_bench.train import spec_for
 
-    return spec_for(cfg, v.model, v.overrides)
+    overrides = dict(v.overrides)
+    if "width" in overrides and "width" in cfg.model:
+        # A recipe that narrows every model (short: 0.25) keeps a width study's ratios: its
+        # variants' widths multiply the recipe's (0.5 -> 0.125, ..., 1.25 -> 0.3125).
+        overrides["width"] = overrides["width"] * cfg.model["width"]
+    return spec_for(cfg, v.model, overrides)
 
 
-def train_unit(study: Study, unit: Unit, opts: RunOptions) -> dict[str, Any]:
+def train_unit(
+    study: Study,
+    unit: Unit,
+    opts: RunOptions,
+    on_step: Callable[[str, int, int], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from sasa_bench.train import run_training
 
     cfg = train_config(opts, unit.seed)
     spec = train_spec(unit.variant, cfg)
     out_dir = Path(opts.runs_dir) / safe_name(study.name) / safe_name(unit.key)
-    # resume="auto": an interrupted training run continues from its last checkpoint.
-    summary = run_training(spec, cfg, out_dir, progress=False, resume=None if opts.force else "auto")
+    # resume="auto": an interrupted training run continues from its last checkpoint; one made with
+    # other settings (the unit's result is stale) starts afresh; --force always starts afresh.
+    from sasa_bench.train.checkpoint import ResumeMismatch
+
+    def train(resume: str | None) -> dict[str, Any]:
+        return run_training(
+            spec, cfg, out_dir, progress=on_step is not None, resume=resume, on_step=on_step, on_log=on_log,
+            overwrite=resume is None,
+        )
+
+    try:
+        summary = train(None if opts.force else "auto")
+    except ResumeMismatch as e:
+        if on_log:
+            on_log(f"{unit.key}: not resuming ({e}); training afresh")
+        summary = train(None)
     return {
         **{k: v for k, v in summary.items() if k not in ("spec", "config")},
         "recipe": unit.train,
         "dataset": cfg.data,
         "spec": spec.to_dict(),
         "flops": count(spec),
-        "config": cfg.to_dict(),
+        "config": {**cfg.to_dict(), "precision": _training_precision(cfg.precision)},  # "auto" as resolved
         "run_dir": str(out_dir),
     }
 
 
 def env_info(device: str = "auto") -> dict[str, Any]:
+    """The host behind a result (CPU model and ISA, native bf16, GPU, versions, threads)."""
     import torch
 
-    from sasa_bench.measure.latency import device_name
+    from sasa_bench.hardware import host_info
 
-    gpu = None
-    if device != "cpu" and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
-    return {
-        "cpu": device_name(torch.device("cpu")),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "threads": torch.get_num_threads(),
-    }
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    return host_info("cuda" if use_cuda else "cpu")

@@ -82,16 +82,57 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     return p
 
 
-def check_compatible(state: dict[str, Any], spec_dict: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
-    """Refuse to continue a run with a different network, data or schedule."""
+class ResumeMismatch(SasaError):
+    """A resumed run was asked to continue with other settings than it was started with."""
+
+
+# Settings a resumed run can never change, even with --resume-override: the data order and the
+# position within an epoch depend on them (the model is checked separately).
+FIXED_ON_RESUME = ("data", "batch_size", "seed", "synthetic_train", "train_images", "holdout")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any], neutral: frozenset[str] | set[str]) -> dict[str, tuple[Any, Any]]:
+    """The training-altering settings that differ: name -> (saved, now). A setting the saved
+    config lacks (added in a later version) counts as its value now when that is the default None."""
+    out = {}
+    for k in sorted(set(saved) | set(now)):
+        if k in neutral or k in ("model", "config_history"):
+            continue
+        a, b = saved.get(k), now.get(k)
+        if a != b:
+            out[k] = (a, b)
+    return out
+
+
+def check_compatible(
+    state: dict[str, Any],
+    spec_dict: dict[str, Any],
+    cfg_dict: dict[str, Any],
+    path: Path,
+    neutral: frozenset[str] | set[str] = frozenset(),
+    override: bool = False,
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse to continue a run with a different network, or with training settings that differ
+    from the checkpoint's (``override``: accept them, except :data:`FIXED_ON_RESUME`).
+    Returns the accepted changes (name -> (old, new))."""
     saved_spec = {k: v for k, v in state.get("spec", {}).items() if k not in ("backend", "name")}
     now_spec = {k: v for k, v in spec_dict.items() if k not in ("backend", "name")}
     if saved_spec != now_spec:
         diff = sorted(k for k in set(saved_spec) | set(now_spec) if saved_spec.get(k) != now_spec.get(k))
-        raise SasaError(f"checkpoint {path} is for a different model (differs in: {', '.join(diff)})")
-    saved_cfg = state.get("config", {})
-    for key in ("data", "batch_size", "epochs", "seed", "warmup_epochs", "schedule", "synthetic_train"):
-        if saved_cfg.get(key) != cfg_dict.get(key):
-            raise SasaError(
-                f"checkpoint {path} was made with {key}={saved_cfg.get(key)!r}, not {cfg_dict.get(key)!r}"
-            )
+        raise ResumeMismatch(f"checkpoint {path} is for a different model (differs in: {', '.join(diff)})")
+    changes = config_changes(state.get("config", {}), cfg_dict, neutral)
+    if not changes:
+        return {}
+    words = ", ".join(f"{k.replace('_', ' ')} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    fixed = [k for k in changes if k in FIXED_ON_RESUME]
+    if fixed:
+        raise ResumeMismatch(
+            f"checkpoint {path} was made with other settings ({words}); "
+            f"{', '.join(k.replace('_', ' ') for k in fixed)} cannot change in a resumed run: use another --out"
+        )
+    if not override:
+        raise ResumeMismatch(
+            f"checkpoint {path} was made with other training settings ({words}); rerun with the same "
+            "settings, or add --resume-override to continue with the new ones (recorded in config.yaml)"
+        )
+    return changes

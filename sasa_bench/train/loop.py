@@ -16,7 +16,6 @@ import csv
 import io
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,16 @@ import yaml
 from torch import nn
 
 from sasa_bench.errors import SasaError
+from sasa_bench.hardware import resolve_precision
 from sasa_bench.models import build_model
 from sasa_bench.models.resnet import zero_init_residual
+from sasa_bench.progress import LogFn, ProgressFn, TrainProgress
 from sasa_bench.spec import ModelSpec
-from sasa_bench.store import atomic_write_json, atomic_write_text
+from sasa_bench.store import atomic_write_json, atomic_write_text, clean_stale_temps
 from sasa_bench.train import checkpoint as ckpt
 from sasa_bench.train import distributed as D
 from sasa_bench.train.data import DataConfig, TrainData, eval_shard, load_data, steps_per_epoch, train_steps
-from sasa_bench.train.recipes import TrainConfig
+from sasa_bench.train.recipes import NEUTRAL_FIELDS, TrainConfig
 
 METRIC_COLUMNS = [
     "epoch", "step", "train_loss", "eval_top1", "eval_top5", "lr", "images_per_s", "epoch_time_s", "elapsed_s",
@@ -43,6 +44,10 @@ METRIC_COLUMNS = [
 
 class NonFiniteLoss(SasaError):
     """The loss became NaN/inf: the run stops, the last good checkpoint stays."""
+
+
+# A resumed run may also change where it stops (--max-steps), besides the neutral settings.
+RESUME_NEUTRAL = NEUTRAL_FIELDS | {"max_steps"}
 
 
 # --------------------------------------------------------------------------- schedule, EMA
@@ -115,84 +120,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return groups
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Rich bars with ETA and img/s on a terminal; plain log lines on stderr otherwise."""
-
-    def __init__(self, enabled: bool, total_steps: int, spe: int, log_every: int | None) -> None:
-        from sasa_bench.cli.output import err_console
-
-        self.console = err_console
-        self.enabled = enabled
-        self.rich = enabled and err_console.is_terminal
-        self.total, self.spe = total_steps, spe
-        self.log_every = log_every or max(1, min(spe, total_steps) // 5)
-        self.bar = None
-        self.t0 = time.perf_counter()
-        self.step0 = 0
-
-    def __enter__(self) -> Progress:
-        if self.rich:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RP
-
-            self.bar = RP(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                console=self.console, transient=False,
-            )
-            self.bar.__enter__()
-            self.task_all = self.bar.add_task("total", total=self.total, info="")
-            self.task_ep = self.bar.add_task("epoch", total=self.spe, info="")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def start(self, step: int) -> None:
-        self.t0, self.step0 = time.perf_counter(), step
-        if self.bar is not None:
-            self.bar.update(self.task_all, completed=step)
-
-    def epoch(self, epoch: int, epochs: int, step_in_epoch: int, steps_this_epoch: int) -> None:
-        if self.bar is not None:
-            self.bar.reset(self.task_ep, total=steps_this_epoch, completed=step_in_epoch,
-                           description=f"epoch {epoch + 1}/{epochs}", info="")
-
-    def step(self, step: int, step_in_epoch: int, loss: float, lr: float, img_s: float) -> None:
-        if not self.enabled:
-            return
-        info = f"loss {loss:.4f} lr {lr:.4g} {img_s:.0f} img/s"
-        if self.bar is not None:
-            self.bar.update(self.task_ep, completed=step_in_epoch, info=info)
-            self.bar.update(self.task_all, completed=step, info="")
-        elif step_in_epoch % self.log_every == 0:
-            done = step - self.step0
-            eta = (self.total - step) * (time.perf_counter() - self.t0) / max(1, done)
-            self.log(f"step {step}/{self.total} {info} eta {_fmt_s(eta)}")
-
-    def log(self, msg: str) -> None:
-        if self.enabled:
-            if self.bar is not None:
-                self.bar.console.print(msg, highlight=False)
-            else:
-                print(f"[train] {msg}", file=sys.stderr, flush=True)
-
-
-def _fmt_s(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -218,6 +145,8 @@ def evaluate(model: nn.Module, data: TrainData, env: D.DistEnv, batch_size: int,
     counts = D.all_reduce_sum(counts, env)
     model.train(was_training)
     n = max(1.0, counts[3].item())
+    if not math.isfinite(counts[2].item()):
+        raise NonFiniteLoss(f"eval loss became {counts[2].item() / n} (the weights diverged); stopping (try a lower --lr or --precision fp32)")
     return {"top1": 100 * counts[0].item() / n, "top5": 100 * counts[1].item() / n,
             "loss": counts[2].item() / n, "n": int(counts[3].item())}
 
@@ -307,31 +236,80 @@ def run_training(
     out_dir: Path,
     progress: bool = True,
     resume: str | Path | None = None,
+    on_step: ProgressFn | None = None,
+    on_log: LogFn | None = None,
+    overwrite: bool = False,
+    resume_override: bool = False,
 ) -> dict[str, Any]:
     """Train ``spec`` with ``cfg``; write the run directory; return the summary dict.
 
-    ``resume``: None (fresh; an existing checkpoint in ``out_dir`` is overwritten), ``"auto"``
-    (continue from ``out_dir/checkpoint.pt`` if present) or a checkpoint path. Works as is under
+    ``resume``: None (fresh: refused when ``out_dir`` already holds a run, unless ``overwrite``),
+    ``"auto"`` (continue from ``out_dir/checkpoint.pt`` if present) or a checkpoint path. A resumed
+    run refuses changed training settings unless ``resume_override`` (then recorded in
+    ``config.yaml``'s ``config_history``). Works as is under
     torchrun (DDP; rank 0 writes). Raises SasaError (incl. :class:`NonFiniteLoss`) on bad input.
+    Progress: with ``progress`` its own bars (terminal) or plain lines (stderr); ``on_step(message,
+    step, total)`` / ``on_log(message)`` send it to the caller instead (a study's one display).
     """
     cfg.validate()
     env = D.setup()
     try:
-        return _run(spec, cfg, Path(out_dir), progress and env.is_main, resume, env)
+        reporter = (progress and env.is_main, on_step, on_log)
+        check_out_dir(Path(out_dir), resume, overwrite)
+        return _run(spec, cfg, Path(out_dir), reporter, resume, env, resume_override)
     finally:
         D.teardown(env)
 
 
-def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resume, env: D.DistEnv) -> dict[str, Any]:
+def check_out_dir(out_dir: Path, resume: str | Path | None, overwrite: bool) -> None:
+    """Before any work: ``out_dir`` can be a run directory, and a fresh run does not silently
+    replace a run that is already there. Temp files a killed writer left there are removed."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SasaError(f"--out {out_dir} is a file, not a folder")
+    if resume is None and not overwrite:
+        held = [n for n in (ckpt.NAME, "summary.json") if (out_dir / n).exists()]
+        if held:
+            raise SasaError(
+                f"{out_dir} already holds a run ({', '.join(held)}); add --resume auto to continue it, "
+                "or choose another --out"
+            )
+    clean_stale_temps(out_dir)
+
+
+def _apply_new_settings(opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, lr_lambda: WarmupCosine) -> None:
+    """--resume-override: the loaded optimiser/scheduler states carry the old LR, momentum, weight
+    decay and schedule; put the new ones in, at the current step."""
+    sched.lr_lambdas = [lr_lambda] * len(opt.param_groups)
+    sched.base_lrs = [cfg.peak_lr()] * len(opt.param_groups)
+    for i, g in enumerate(opt.param_groups):
+        g["initial_lr"] = cfg.peak_lr()
+        g["lr"] = cfg.peak_lr() * lr_lambda(sched.last_epoch)
+        g["momentum"], g["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
+        if i == 0:
+            g["weight_decay"] = cfg.weight_decay
+
+
+def _run(
+    spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resume, env: D.DistEnv, resume_override: bool = False,
+) -> dict[str, Any]:
+    progress, on_step, on_log = reporter
     t_start = time.perf_counter()
+    # "auto" becomes what runs here (bf16 only where native); the resolved value is what the
+    # config, the summary and every result file record.
+    cfg.precision = resolve_precision(cfg.precision, env.device, warn=env.is_main)
     _set_determinism(cfg)
     if cfg.batch_size % env.world:
         raise SasaError(f"batch size {cfg.batch_size} is not divisible by the {env.world} processes")
     local_bs = cfg.batch_size // env.world
+    if local_bs < 2:
+        raise SasaError(
+            f"batch size {cfg.batch_size} over {env.world} processes is {local_bs} image per process; "
+            "BatchNorm in training needs 2 or more"
+        )
 
     train_data, eval_data = load_data(DataConfig(
         cfg.data, cfg.data_dir, spec.image_size, spec.num_classes, cfg.holdout, cfg.workers,
-        cfg.synthetic_train, cfg.synthetic_eval, cfg.augment,
+        cfg.synthetic_train, cfg.synthetic_eval, cfg.augment, cfg.train_images, cfg.eval_images,
     ))
     if train_data.num_classes > spec.num_classes:
         raise SasaError(f"{cfg.data} has {train_data.num_classes} classes but the model has {spec.num_classes} outputs (set --num-classes)")
@@ -370,19 +348,27 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resum
     loss_sum, loss_n, epoch_time = 0.0, 0, 0.0
     rows: list[dict[str, Any]] = []
     best_top1: float | None = None
+    history: list[dict[str, Any]] = []
     src = ckpt.resolve_resume(str(resume) if resume is not None else None, out_dir)
     if src is not None:
         state = ckpt.load(src)
-        ckpt.check_compatible(state, spec.to_dict(), cfg_dict, src)
+        changes = ckpt.check_compatible(state, spec.to_dict(), cfg_dict, src, RESUME_NEUTRAL, resume_override)
+        history = list(state.get("config_history", []))
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            if "precision" not in changes:
+                scaler.load_state_dict(state["scaler"])
             if ema is not None:
-                if state.get("ema") is None:
+                if state.get("ema") is not None:
+                    ema.load_state_dict(state["ema"])
+                elif changes:  # EMA switched on by the override: it starts from the loaded weights
+                    ema = EMA(model, cfg.ema_decay)
+                else:
                     raise SasaError(f"checkpoint {src} has no EMA weights but EMA is on")
-                ema.load_state_dict(state["ema"])
+            if changes:
+                _apply_new_settings(opt, sched, cfg, WarmupCosine(warmup_steps, total_steps, cfg.schedule))
         except (RuntimeError, KeyError, ValueError) as e:
             raise SasaError(f"incompatible checkpoint {src}: {str(e).splitlines()[0][:200]}") from None
         pos = state["position"]
@@ -392,6 +378,9 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resum
         rows = list(state.get("metrics", []))
         best_top1 = state.get("best_top1")
         ckpt.set_rng_state(state["rng"])
+        if changes:
+            history.append({"at_step": global_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "changed": {k: [a, b] for k, (a, b) in changes.items()}})
 
     train_model: nn.Module = D.wrap_model(model, env, cfg.sync_bn)
     if cfg.compile:
@@ -399,7 +388,10 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resum
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(resolved_config_dict(spec, cfg), sort_keys=False))
+        saved = resolved_config_dict(spec, cfg)
+        if history:  # --resume-override: what changed, at which step (read_config_file ignores it)
+            saved["config_history"] = history
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     D.barrier(env)
 
     def save_checkpoint(ep: int, sie: int) -> None:
@@ -413,7 +405,7 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resum
             "position": {"global_step": global_step, "epoch": ep, "step_in_epoch": sie,
                          "loss_sum": loss_sum, "loss_n": loss_n, "epoch_time": epoch_time},
             "metrics": rows, "best_top1": best_top1, "wall_s": prior_wall + time.perf_counter() - t_start,
-            "spec": spec.to_dict(), "config": cfg_dict,
+            "spec": spec.to_dict(), "config": cfg_dict, "config_history": history,
         })
 
     eval_model = ema.module if ema is not None else model
@@ -422,7 +414,7 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, progress: bool, resum
     last_eval_step = -1
     final_loss = rows[-1]["train_loss"] if rows else None
     train_time, train_images = 0.0, 0
-    bar = Progress(progress, stop_at, spe, cfg.log_every)
+    bar = TrainProgress(progress, stop_at, spe, cfg.log_every, on_step, on_log)
     if progress:
         bar.log(
             f"{spec.name}: {n_params / 1e6:.2f} M params, {cfg.data} {len(train_data)} train / {len(eval_data)} eval, "
