@@ -6,16 +6,17 @@ import typer
 
 from sasa_bench.cli.options import ModelOptions, model_options
 from sasa_bench.cli.output import check_format, emit, err_console
-from sasa_bench.measure.flops import count_flops
+from sasa_bench.errors import SasaError
+from sasa_bench.measure.flops import count_flops, count_params
 from sasa_bench.models import build_model
-from sasa_bench.report.paper import TABLE1
-from sasa_bench.spec import PRESETS, TABLE1_MODELS, ModelSpec
+from sasa_bench.report.paper import TABLE1, TABLE2, TABLE2_IMAGE_SIZE
+from sasa_bench.spec import PRESETS, TABLE1_MODELS, TABLE2_MODELS, ModelSpec
 
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv")]
 
 
 def flops_row(spec: ModelSpec, paper: bool = False, counter: str = "both") -> dict:
-    """One row: the model's params and FLOPs (and the paper's Table 1 numbers, if asked)."""
+    """One row: the model's params and FLOPs (and the paper's Table 1 or 2 numbers, if asked)."""
     model = build_model(spec)
     c = count_flops(model, spec.image_size, counter=counter)
     row = {
@@ -26,7 +27,12 @@ def flops_row(spec: ModelSpec, paper: bool = False, counter: str = "both") -> di
         "gflops": c.gflops,
         "image_size": spec.image_size,
     }
-    if paper:
+    if paper and spec.detector != "none":
+        ref2 = TABLE2.get(spec.name) if spec.image_size == TABLE2_IMAGE_SIZE else None
+        row["paper_params_m"] = ref2[1] if ref2 else None
+        row["paper_gflops"] = ref2[0] if ref2 else None
+        row["paper_map"] = ref2[2] if ref2 else None
+    elif paper:
         ref = TABLE1.get(spec.name) if spec.image_size == 224 else None
         row["paper_params_m"] = ref[1] if ref else None
         row["paper_gflops"] = ref[0] if ref else None
@@ -37,7 +43,8 @@ def flops_row(spec: ModelSpec, paper: bool = False, counter: str = "both") -> di
 @model_options
 def flops(
     model_opts: ModelOptions,
-    paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 1 numbers beside ours; with no --model, the nine Table 1 models.")] = False,
+    paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 1/2 numbers beside ours; with no --model, that table's models.")] = False,
+    table: Annotated[int, typer.Option("--table", help="With --paper and no --model: 1 (ImageNet, 224x224) or 2 (COCO RetinaNet, 640x640, slow: minutes).")] = 1,
     fmt: FormatOpt = "table",
 ) -> None:
     """Params (M), GMACs and GFLOPS (= 2 x multiply-adds, the paper's convention).
@@ -45,15 +52,20 @@ def flops(
     fvcore and torch's FlopCounterMode both count every model and must agree.
     """
     check_format(fmt)
-    specs = model_opts.specs(TABLE1_MODELS if paper else None)
+    if table not in (1, 2):
+        raise SasaError(f"--table must be 1 or 2, got {table}")
+    specs = model_opts.specs((TABLE1_MODELS if table == 1 else TABLE2_MODELS) if paper else None)
     rows = []
     with err_console.status("counting FLOPs…") as status:
         for spec in specs:
             status.update(f"counting FLOPs of {spec.name}…")
             rows.append(flops_row(spec, paper))
     cols = ["model", "params_m", "gmacs", "gflops"]
+    if any(s.detector != "none" for s in specs):
+        cols.append("image_size")
     if paper:
-        cols += ["paper_params_m", "paper_gflops", "paper_top1"]
+        cols += ["paper_params_m", "paper_gflops"]
+        cols += [c for c in ("paper_top1", "paper_map") if any(c in r for r in rows)]
     headers = {
         "params_m": "params (M)",
         "gmacs": "GMACs",
@@ -61,18 +73,26 @@ def flops(
         "paper_params_m": "paper params",
         "paper_gflops": "paper GFLOPS",
         "paper_top1": "paper top-1",
+        "paper_map": "paper mAP",
+        "image_size": "input",
     }
-    digits = {"paper_params_m": 1, "paper_gflops": 1, "paper_top1": 1, "params_m": 2, "gflops": 2, "gmacs": 2}
+    digits = {"paper_params_m": 1, "paper_gflops": 1, "paper_top1": 1, "paper_map": 1, "params_m": 2, "gflops": 2, "gmacs": 2}
     emit(rows, fmt, cols if fmt != "json" else None, title="FLOPs and parameters (1 image)", headers=headers, digits=digits)
 
 
 def models(fmt: FormatOpt = "table") -> None:
-    """List the presets with their params and GFLOPS (224x224, 1000 classes)."""
+    """List the presets with their params and GFLOPS (224x224, 1000 classes).
+
+    Detectors list their params only (their FLOPs take minutes: `flops --paper --table 2`)."""
     check_format(fmt)
     rows = []
     with err_console.status("counting FLOPs…"):
         for spec in PRESETS.values():
-            r = flops_row(spec, counter="torch")
+            if spec.detector != "none":
+                n = count_params(build_model(spec))
+                r = {"model": spec.name, "params": n, "params_m": n / 1e6, "gflops": None, "image_size": spec.image_size}
+            else:
+                r = flops_row(spec, counter="torch")
             r["depth"], r["stem"] = spec.depth, spec.stem
             r["attention_groups"] = list(spec.attention_groups)
             rows.append(r)

@@ -19,6 +19,7 @@ from sasa_bench.errors import SasaError
 from sasa_bench.spec import ModelSpec, make_spec
 
 _PANEL = "Model"
+_DET = "Detector"
 
 # name -> (annotation, default). Defaults are None = "not given": the preset (or ModelSpec's
 # defaults when no --model) decides.
@@ -56,6 +57,12 @@ _MODEL_PARAMS: dict[str, tuple[Any, Any]] = {
     "num_classes": (Annotated[int | None, typer.Option(help="Classifier outputs. (default: 1000)", rich_help_panel=_PANEL)], None),
     "stem_mixtures": (Annotated[int | None, typer.Option(help="Value mixtures m of the attention stem. (default: 4)", rich_help_panel=_PANEL)], None),
     "backend": (Annotated[str | None, typer.Option(help="Attention backend (see `sasa-bench backends`). (default: auto)", rich_help_panel=_PANEL)], None),
+    # Detectors (retinanet_* presets, Table 2).
+    "fpn": (Annotated[str | None, typer.Option(help="Detector FPN and heads: conv | attention. (default: the preset's)", rich_help_panel=_DET)], None),
+    "p6_from": (Annotated[str | None, typer.Option(help="Detector P6 from p5 (reproduces Table 2) | c5. (default: p5)", rich_help_panel=_DET)], None),
+    "anchor_scales": (Annotated[int | None, typer.Option(help="Anchor sizes per octave; x 3 aspect ratios = anchors per location. (default: 2)", rich_help_panel=_DET)], None),
+    "head_predictor": (Annotated[str | None, typer.Option(help="Attention heads' last layer: attention (+1x1) | conv (1x1 + 3x3 conv). (default: attention)", rich_help_panel=_DET)], None),
+    "head_norm": (Annotated[str | None, typer.Option(help="Detector head norm: none | gn. (default: none)", rich_help_panel=_DET)], None),
 }
 
 # CLI name -> ModelSpec field where they differ.

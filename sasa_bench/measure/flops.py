@@ -94,14 +94,16 @@ def count_flops(model: nn.Module, image_size: int, counter: str = "both") -> Flo
     """Params and multiply-adds per image; ``counter="both"`` checks that the two counters agree."""
     was_training = model.training
     model.eval()
+    # A detector counts its backbone, FPN and heads (the paper's FLOPS), not resize, anchors or NMS.
+    counted = model.counted() if hasattr(model, "counted") else model
     try:
         if counter == "torch":
-            macs = macs_torch(model, image_size)
+            macs = macs_torch(counted, image_size)
         elif counter == "fvcore":
-            macs = macs_fvcore(model, image_size)
+            macs = macs_fvcore(counted, image_size)
         else:
-            macs = macs_torch(model, image_size)
-            other = macs_fvcore(model, image_size)
+            macs = macs_torch(counted, image_size)
+            other = macs_fvcore(counted, image_size)
             if other != macs:
                 raise RuntimeError(f"FLOP counters disagree: torch {macs} vs fvcore {other} MACs")
     finally:

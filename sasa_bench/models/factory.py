@@ -11,7 +11,11 @@ from sasa_bench.spec import ModelSpec, make_spec
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The network a spec describes (every spec is a ResNet variant)."""
+    """The network a spec describes: a ResNet variant, or a RetinaNet on one (``spec.detector``)."""
+    if spec.detector == "retinanet":
+        from sasa_bench.models.detection import SasaRetinaNet
+
+        return SasaRetinaNet(spec)
     return ResNet(spec)
 
 

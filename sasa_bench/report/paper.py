@@ -46,3 +46,16 @@ TABLE7_STEM: dict[str, float] = {
     "attention-conv-values": 77.2,
     "attention": 77.6,
 }
+
+# Table 2 — COCO detection with RetinaNet. model preset -> (GFLOPS, params M, mAP_coco, mAP_50,
+# mAP_75, mAP_s, mAP_m, mAP_l). The paper does not say at which input size it counted FLOPS;
+# 640 x 640 reproduces the conv rows (see sasa_bench/models/detection.py).
+TABLE2: dict[str, tuple[float, float, float, float, float, float, float, float]] = {
+    "retinanet_resnet50": (182, 33.4, 36.5, 54.3, 39.0, 18.3, 40.6, 51.7),
+    "retinanet_sasa_resnet50_convstem": (173, 25.9, 36.8, 54.6, 39.3, 18.4, 41.1, 51.7),
+    "retinanet_sasa_resnet50": (173, 25.9, 36.2, 54.0, 38.7, 17.5, 40.3, 51.7),
+    "retinanet_sasa_resnet50_convstem_attnfpn": (111, 22.0, 36.6, 54.3, 39.1, 19.0, 40.7, 51.1),
+    "retinanet_sasa_resnet50_attnfpn": (110, 22.0, 36.6, 54.5, 39.2, 18.5, 40.6, 51.6),
+}
+TABLE2_METRICS = ("map", "map_50", "map_75", "map_s", "map_m", "map_l")  # the order of TABLE2[...][2:]
+TABLE2_IMAGE_SIZE = 640
