@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow lint format-cpp gpu-check install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,8 +40,20 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+CPP_SOURCES := $(wildcard sasa_bench/csrc/*.cpp sasa_bench/csrc/*.h)
+
 lint: $(STAMP)
 	$(BIN)/ruff check sasa_bench tests
+	$(BIN)/clang-format --dry-run --Werror $(CPP_SOURCES)
+
+format-cpp: $(STAMP)
+	$(BIN)/clang-format -i $(CPP_SOURCES)
+
+# On a CUDA machine: every backend against the reference (forward, gradients, option matrix),
+# then latency of sasa_resnet50 / sasa_resnet50_convstem vs resnet50 (fp32 and bf16
+# channels-last, inference and train) into results/gpu-check/. Without a GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --out results/gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -61,6 +61,67 @@ def aten_capability() -> str:
         return "unknown"
 
 
+KERNEL_ISAS: tuple[str, ...] = ("avx512", "avx2", "portable")  # SASA_BENCH_CPU_ISA choices
+# /proc/cpuinfo flags each kernel ISA needs: x86-64-v4 (AVX-512 F/BW/CD/DQ/VL) and x86-64-v3
+# (AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE); the portable path runs anywhere.
+_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma"),
+    "avx2": ("avx2", "fma", "bmi1", "bmi2", "f16c", "abm", "movbe"),
+    "portable": (),
+}
+_LANES = {"avx512": 16, "avx2": 8, "portable": 4}  # fp32 lanes per vector register
+
+
+def kernel_isa_supported(isa: str) -> str | None:
+    """None if this host can run the C++ kernels built for ``isa``, else why not (one line)."""
+    if isa not in _ISA_FLAGS:
+        return f"unknown kernel ISA {isa!r} (choose from {', '.join(KERNEL_ISAS)})"
+    if isa != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{isa} is an x86 ISA; this is {platform.machine()}"
+    missing = [f for f in _ISA_FLAGS[isa] if f not in cpu_flags()]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def kernel_isa() -> str:
+    """The ISA the C++ kernels are built for: ``SASA_BENCH_CPU_ISA`` (avx512 | avx2 | portable)
+    if set, else the best one this host runs. Raises SasaError for an unknown or unrunnable one."""
+    from sasa_bench.errors import SasaError
+
+    want = os.environ.get("SASA_BENCH_CPU_ISA", "").strip().lower()
+    if want in ("", "auto", "native"):
+        return next(i for i in KERNEL_ISAS if kernel_isa_supported(i) is None)
+    problem = kernel_isa_supported(want)
+    if problem is not None:
+        raise SasaError(f"SASA_BENCH_CPU_ISA={want}: {problem}")
+    return want
+
+
+def cpu_clock_ghz() -> float | None:
+    """The clock /proc/cpuinfo reports (on a VM, usually the nominal one), in GHz."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":", 1)[1]) / 1000.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+FMA_PORTS = 2  # assumed FMA pipes per core (Intel since Haswell, AMD since Zen 2 for 256 bits)
+
+
+def fp32_peak_gflops(isa: str, threads: int | None = None) -> float | None:
+    """threads x FMA_PORTS x fp32 lanes(isa) x 2 FLOPs x clock: the host's fp32 peak for code of
+    that ISA. Assumes full-width FMA pipes at the reported clock (no turbo); on a CPU that splits
+    512-bit FMAs into two halves (AMD Zen 4) the real AVX-512 peak is the AVX2 one."""
+    ghz = cpu_clock_ghz()
+    if ghz is None or isa not in _LANES:
+        return None
+    threads = threads or torch.get_num_threads()
+    return threads * FMA_PORTS * _LANES[isa] * 2 * ghz
+
+
 def native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` computes bf16 convolutions natively (not through a slow fallback).
 
@@ -112,6 +173,10 @@ def host_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
     }
+    try:
+        info["kernel_isa"] = kernel_isa()  # what the C++ kernels are (or will be) built for
+    except Exception as e:  # noqa: BLE001 - an unrunnable request is reported, not fatal here
+        info["kernel_isa"] = f"invalid ({e})"
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
     if limit:
         info["onednn_max_cpu_isa"] = limit

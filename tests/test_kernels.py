@@ -175,8 +175,9 @@ def test_flops_do_not_depend_on_backend(backend):  # noqa: ANN001
 
 
 def test_cpu_fused_falls_back_with_one_warning(monkeypatch):  # noqa: ANN001
-    monkeypatch.setattr(cpu_fused_mod.EXTENSION, "module", None)
-    monkeypatch.setattr(cpu_fused_mod.EXTENSION, "failed", None)
+    from sasa_bench.kernels import cpp_build
+
+    monkeypatch.setattr(cpp_build, "_EXTENSIONS", {})
     monkeypatch.setenv("CXX", os.path.join(os.sep, "nonexistent", "c++"))
     assert not cpu_fused_mod.is_available()
     with warnings.catch_warnings(record=True) as caught:
@@ -184,7 +185,10 @@ def test_cpu_fused_falls_back_with_one_warning(monkeypatch):  # noqa: ANN001
         q = k = v = torch.randn(1, 1, 2, 4, 4)
         out = cpu_fused_mod.local_attention_cpu_fused(q, k, v, None, None, 3, True)
         cpu_fused_mod.local_attention_cpu_fused(q, k, v, None, None, 3, True)
-    msgs = [str(w.message) for w in caught if "cpu_fused" in str(w.message)]
+        # the op itself stays exact without the kernel (its portable default kernel)
+        op_out = torch.ops.sasa.local_attention(q, k, v, None, None, 3, True)[0]
+    msgs = [str(w.message) for w in caught if "unavailable" in str(w.message)]
+    torch.testing.assert_close(op_out, local_attention_reference(q, k, v, None, None, 3, True))
     assert len(msgs) == 1 and "\n" not in msgs[0]
     torch.testing.assert_close(out, local_attention_reference(q, k, v, None, None, 3, True))
     assert resolve_backend("auto", "cpu").name != "cpu_fused"
@@ -245,19 +249,115 @@ def test_gpu_backend_matches_reference(backend, case):  # noqa: ANN001
     _assert_close(_run(fn, args2, grad), want)
 
 
-@pytest.mark.parametrize("module", ["cpu_fused", "stem_cpu"])
-def test_cpp_kernels_build_where_a_compiler_exists(module):  # noqa: ANN001
+def test_cpp_kernels_build_where_a_compiler_exists():
     """The fast-path tests skip a kernel that is unavailable; this one makes a broken build fail
     loudly wherever a compiler exists (otherwise the fallback would hide it)."""
-    import importlib
     import shutil
 
-    from sasa_bench.kernels.cpp_build import _compiler
+    from sasa_bench.hardware import kernel_isa
+    from sasa_bench.kernels import cpp_build
 
-    if shutil.which(_compiler()) is None:
+    if shutil.which(cpp_build._compiler()) is None:
         pytest.skip("no C++ compiler on PATH")
-    ext = importlib.import_module(f"sasa_bench.kernels.{module}").EXTENSION
-    assert ext.load() is not None, f"{module} failed to build: {ext.failed}"
+    ext = cpp_build.extension()
+    assert ext.load() is not None, f"the C++ kernels failed to build: {ext.failed}"
+    assert ext.module.isa() == kernel_isa()
+
+
+# --- every ISA path this host can run, against the reference (forward and every gradient) -----
+
+
+def _isa_params():  # noqa: ANN202
+    from sasa_bench.hardware import KERNEL_ISAS, kernel_isa, kernel_isa_supported
+
+    try:
+        host = kernel_isa()
+    except Exception:  # noqa: BLE001 - an invalid SASA_BENCH_CPU_ISA: every variant is "other"
+        host = None
+    out = []
+    for isa in KERNEL_ISAS:
+        why = kernel_isa_supported(isa)
+        marks = [pytest.mark.skipif(why is not None, reason=f"{isa} cannot run here: {why}")]
+        if isa != host:  # another full build (~1-2 min on 2 cores)
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(isa, marks=marks, id=isa))
+    return out
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_isa_variant_matches_reference(isa, dtype):  # noqa: ANN001
+    """Each ISA build of the C++ kernel (AVX-512 16 lanes, AVX2 8 lanes, portable 4 lanes; lane
+    tails and chunk mixes differ) computes the reference operator over the option matrix."""
+    from sasa_bench.kernels import cpp_build
+
+    module = cpp_build.load(isa)
+    assert module is not None, cpp_build.extension(isa).failed
+    assert module.isa() == isa
+    for case in CASES:
+        args64 = _inputs(case, torch.float64)
+        q, k, v, rr, rc, kk, mask = args64
+        grad = torch.randn(q.shape[0], q.shape[1], v.shape[2], *q.shape[3:], dtype=torch.float64)
+        want = _run(local_attention_reference, args64, grad)
+        q2, k2, v2, rr2, rc2 = (None if t is None else t.detach().to(dtype) for t in (q, k, v, rr, rc))
+        out, lse = cpu_fused_mod.forward(module, q2, k2, v2, rr2, rc2, kk, mask)
+        grads = cpu_fused_mod.backward(module, grad.to(dtype), q2, k2, v2, rr2, rc2, lse, kk, mask)
+        _assert_close([out, *(g for g in grads if g is not None)], want, 1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_kernel_input_checks():
+    """Every C++ entry point rejects malformed inputs with a clear error, not a crash."""
+    from sasa_bench.kernels import cpp_build
+
+    module = cpp_build.load()
+    if module is None:
+        pytest.skip("C++ kernels unavailable")
+    q = torch.randn(1, 1, 2, 4, 4)
+    e = q.new_empty(0)
+    with pytest.raises(RuntimeError, match="odd"):
+        module.attention_forward(q, q, q, e, e, 4, True, False, True)
+    with pytest.raises(RuntimeError, match="k must have q's shape"):
+        module.attention_forward(q, q[:, :, :1], q, e, e, 3, True, False, True)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        module.attention_forward(q.half(), q.half(), q.half(), e, e, 3, True, False, True)
+    with pytest.raises(RuntimeError, match="lse"):
+        module.attention_backward(q, q, q, q, e, e, q, 3, True, False, True)
+    with pytest.raises(RuntimeError, match="multiples of 4"):
+        module.stem_forward(torch.randn(1, 3, 6, 8), e, e, e, e, 1, 4, e, e)
+
+
+# --- the torch.library ops ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("has_k,has_rel,mask", [(True, True, True), (False, True, False), (True, False, True)])
+def test_opcheck_local_attention(has_k, has_rel, mask):  # noqa: ANN001
+    """Schema, fake kernel, autograd registration and AOT dispatch of sasa::local_attention."""
+    q = torch.randn(2, 2, 4, 5, 6, requires_grad=True)
+    k = torch.randn(2, 2, 4, 5, 6, requires_grad=True) if has_k else None
+    v = torch.randn(2, 2, 3, 5, 6, requires_grad=True)
+    rr = torch.randn(3, 2, requires_grad=True) if has_rel else None
+    rc = torch.randn(3, 2, requires_grad=True) if has_rel else None
+    torch.library.opcheck(torch.ops.sasa.local_attention.default, (q, k, v, rr, rc, 3, mask))
+    g = torch.randn(2, 2, 3, 5, 6)
+    out, lse = torch.ops.sasa.local_attention(q, k, v, rr, rc, 3, mask)
+    torch.library.opcheck(
+        torch.ops.sasa.local_attention_backward.default,
+        (g, q.detach(), k.detach() if has_k else None, v.detach(), rr.detach() if has_rel else None,
+         rc.detach() if has_rel else None, out.detach(), lse, 3, mask),
+    )  # fmt: skip
+
+
+def test_flex_forward_matches_reference_on_cpu():
+    """The flex backend's block mask / score_mod formulation (its forward runs on the CPU; flex
+    has no CPU backward, so gradients are checked by `make gpu-check` on a GPU)."""
+    from sasa_bench.kernels import flex
+
+    if not flex.is_available():
+        pytest.skip("this torch has no torch.nn.attention.flex_attention")
+    for case in CASES:
+        q, k, v, rr, rc, kk, mask = (a.detach() if torch.is_tensor(a) else a for a in _inputs(case, torch.float32))
+        want = local_attention_reference(q, k, v, rr, rc, kk, mask)
+        _assert_close([flex.local_attention_flex(q, k, v, rr, rc, kk, mask)], [want])
 
 
 def test_triton_self_check_rejects_wrong_or_failing_kernels(monkeypatch):  # noqa: ANN001

@@ -41,7 +41,7 @@ register_backend(
         fn=_cpu_fused.local_attention_cpu_fused,
         devices=("cpu",),
         is_available=_cpu_fused.is_available,
-        description="C++/OpenMP vectorised kernel, built on first use and cached (needs a C++ compiler)",
+        description="C++/OpenMP SIMD kernel (AVX-512/AVX2/portable), built on first use and cached (needs a C++ compiler)",
         warm_up=_cpu_fused.warm_up,
     ),
     auto_rank={"cpu": 0},
@@ -68,4 +68,17 @@ register_backend(
         description="fused Triton kernel: online softmax over the window, recomputing backward (GPU)",
     ),
     auto_rank={"cuda": 0},
+)
+
+from sasa_bench.kernels import flex as _flex  # noqa: E402
+
+register_backend(
+    Backend(
+        name="flex",
+        fn=_flex.local_attention_flex,
+        devices=("cuda",),  # flex has no CPU backward; its CPU forward is tested directly
+        is_available=_flex.is_available,
+        description="torch.nn.attention.flex_attention with a k x k block mask over tiled tokens (GPU)",
+    ),
+    auto_rank={"cuda": 1},
 )

@@ -25,69 +25,82 @@ def _rel_logits(q: torch.Tensor, rel_row: torch.Tensor, rel_col: torch.Tensor) -
     return row, col
 
 
+def shift_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN201
+    """Forward math without autograd: (out, probs [B,N,K,K,H,W], lse [B,N,H,W], kp, vp)."""
+    b, n, d, h, w = q.shape
+    kk, r = kernel_size, kernel_size // 2
+    has_k, has_rel = k is not None, rel_row is not None
+    kp = F.pad(k, (r, r, r, r)) if has_k else None
+    vp = F.pad(v, (r, r, r, r))
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = q.new_zeros(b, n, kk, kk, h, w, dtype=acc_dtype)
+    if has_rel:
+        row, col = _rel_logits(q, rel_row, rel_col)
+        logits += row[:, :, :, None].to(logits.dtype) + col[:, :, None, :].to(logits.dtype)
+    if has_k:
+        for t in range(kk):
+            for u in range(kk):
+                logits[:, :, t, u] += (q * kp[..., t : t + h, u : u + w]).sum(2)
+    if mask_border:
+        valid = window_valid_mask(h, w, kk, q.device).permute(2, 3, 0, 1)
+        logits.masked_fill_(~valid, float("-inf"))
+    flat = logits.view(b, n, kk * kk, h, w)
+    lse = torch.logsumexp(flat, dim=2)
+    probs = torch.exp(flat - lse[:, :, None]).view(b, n, kk, kk, h, w)
+    pc = probs.to(v.dtype)
+    out = torch.zeros_like(v)
+    for t in range(kk):
+        for u in range(kk):
+            out += pc[:, :, t, u, None] * vp[..., t : t + h, u : u + w]
+    return out, probs, lse, kp, vp
+
+
+def shift_backward(g, q, kp, vp, rel_row, rel_col, probs, kernel_size):  # noqa: ANN001, ANN201
+    """Backward math without autograd: (dq, dk or None, dv, d_rel_row or None, d_rel_col or None)."""
+    kk, has_k, has_rel = kernel_size, kp is not None, rel_row is not None
+    b, n, d, h, w = q.shape
+    r = kk // 2
+    dp = torch.empty_like(probs)
+    gvp = torch.zeros_like(vp)
+    for t in range(kk):
+        for u in range(kk):
+            dp[:, :, t, u] = (g * vp[..., t : t + h, u : u + w]).sum(2).to(dp.dtype)
+            gvp[..., t : t + h, u : u + w] += probs[:, :, t, u, None].to(g.dtype) * g
+    ds = probs * (dp - (probs * dp).sum((2, 3), keepdim=True))
+    dsc = ds.to(q.dtype)
+    dq = torch.zeros_like(q)
+    dkp = torch.zeros_like(kp) if has_k else None
+    if has_k:
+        for t in range(kk):
+            for u in range(kk):
+                s = dsc[:, :, t, u, None]
+                dq += s * kp[..., t : t + h, u : u + w]
+                dkp[..., t : t + h, u : u + w] += s * q
+    d_rr = d_rc = None
+    if has_rel:
+        dr = rel_row.shape[1]
+        rs, cs = dsc.sum(3), dsc.sum(2)  # [B,N,K,H,W]
+        dq[:, :, :dr] += torch.einsum("bnthw,td->bndhw", rs, rel_row.to(q.dtype))
+        dq[:, :, dr:] += torch.einsum("bnuhw,ud->bndhw", cs, rel_col.to(q.dtype))
+        d_rr = torch.einsum("bnthw,bndhw->td", rs, q[:, :, :dr]).to(rel_row.dtype)
+        d_rc = torch.einsum("bnuhw,bndhw->ud", cs, q[:, :, dr:]).to(rel_col.dtype)
+    dk = dkp[..., r : r + h, r : r + w] if has_k else None
+    dv = gvp[..., r : r + h, r : r + w]
+    return dq, dk, dv, d_rr, d_rc
+
+
 class _ShiftAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN205
-        b, n, d, h, w = q.shape
-        kk, r = kernel_size, kernel_size // 2
-        has_k, has_rel = k is not None, rel_row is not None
-        kp = F.pad(k, (r, r, r, r)) if has_k else None
-        vp = F.pad(v, (r, r, r, r))
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        logits = q.new_zeros(b, n, kk, kk, h, w, dtype=acc_dtype)
-        if has_rel:
-            row, col = _rel_logits(q, rel_row, rel_col)
-            logits += row[:, :, :, None].to(logits.dtype) + col[:, :, None, :].to(logits.dtype)
-        if has_k:
-            for t in range(kk):
-                for u in range(kk):
-                    logits[:, :, t, u] += (q * kp[..., t : t + h, u : u + w]).sum(2)
-        if mask_border:
-            valid = window_valid_mask(h, w, kk, q.device).permute(2, 3, 0, 1)
-            logits.masked_fill_(~valid, float("-inf"))
-        probs = torch.softmax(logits.view(b, n, kk * kk, h, w), dim=2).view(b, n, kk, kk, h, w)
-        pc = probs.to(v.dtype)
-        out = torch.zeros_like(v)
-        for t in range(kk):
-            for u in range(kk):
-                out += pc[:, :, t, u, None] * vp[..., t : t + h, u : u + w]
+        out, probs, _, kp, vp = shift_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border)
         ctx.save_for_backward(q, kp, vp, rel_row, rel_col, probs)
-        ctx.meta = (kernel_size, has_k, has_rel)
+        ctx.kernel_size = kernel_size
         return out
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         q, kp, vp, rel_row, rel_col, probs = ctx.saved_tensors
-        kk, has_k, has_rel = ctx.meta
-        b, n, d, h, w = q.shape
-        r = kk // 2
-        dp = torch.empty_like(probs)
-        gvp = torch.zeros_like(vp)
-        for t in range(kk):
-            for u in range(kk):
-                dp[:, :, t, u] = (g * vp[..., t : t + h, u : u + w]).sum(2).to(dp.dtype)
-                gvp[..., t : t + h, u : u + w] += probs[:, :, t, u, None].to(g.dtype) * g
-        ds = probs * (dp - (probs * dp).sum((2, 3), keepdim=True))
-        dsc = ds.to(q.dtype)
-        dq = torch.zeros_like(q)
-        dkp = torch.zeros_like(kp) if has_k else None
-        if has_k:
-            for t in range(kk):
-                for u in range(kk):
-                    s = dsc[:, :, t, u, None]
-                    dq += s * kp[..., t : t + h, u : u + w]
-                    dkp[..., t : t + h, u : u + w] += s * q
-        d_rr = d_rc = None
-        if has_rel:
-            dr = rel_row.shape[1]
-            rs, cs = dsc.sum(3), dsc.sum(2)  # [B,N,K,H,W]
-            dq[:, :, :dr] += torch.einsum("bnthw,td->bndhw", rs, rel_row.to(q.dtype))
-            dq[:, :, dr:] += torch.einsum("bnuhw,ud->bndhw", cs, rel_col.to(q.dtype))
-            d_rr = torch.einsum("bnthw,bndhw->td", rs, q[:, :, :dr]).to(rel_row.dtype)
-            d_rc = torch.einsum("bnuhw,bndhw->ud", cs, q[:, :, dr:]).to(rel_col.dtype)
-        dk = dkp[..., r : r + h, r : r + w] if has_k else None
-        dv = gvp[..., r : r + h, r : r + w]
-        return dq, dk, dv, d_rr, d_rc, None, None
+        return (*shift_backward(g, q, kp, vp, rel_row, rel_col, probs, ctx.kernel_size), None, None)
 
 
 def local_attention_shift(

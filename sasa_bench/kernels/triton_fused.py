@@ -202,58 +202,76 @@ def _blocks(d: int, dv: int) -> tuple[int, int, int]:
     return bm, bd, bdv
 
 
+def _prepared(q, k, v, rel_row, rel_col):  # noqa: ANN001, ANN202
+    """The kernels' operands: contiguous q, k (q itself as a dummy), v; fp32 embeddings."""
+    has_k, has_rel = k is not None, rel_row is not None
+    q, v = q.contiguous(), v.contiguous()
+    kc = k.contiguous() if has_k else q
+    rr = rel_row.float().contiguous() if has_rel else q.new_zeros(1, dtype=torch.float32)
+    rc = rel_col.float().contiguous() if has_rel else q.new_zeros(1, dtype=torch.float32)
+    dr = rel_row.shape[1] if has_rel else 0
+    return q, kc, v, rr, rc, dr
+
+
+def triton_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN201
+    """(out in v's dtype, lse fp32 [B,N,H,W]): the CUDA kernel of ``sasa::local_attention``."""
+    b, n, d, h, w = q.shape
+    dv = v.shape[2]
+    has_k, has_rel = k is not None, rel_row is not None
+    q, kc, v, rr, rc, dr = _prepared(q, k, v, rel_row, rel_col)
+    out = torch.empty(b, n, dv, h, w, device=q.device, dtype=v.dtype)
+    lse = torch.empty(b, n, h, w, device=q.device, dtype=torch.float32)
+    bm, bd, bdv = _blocks(d, dv)
+    grid = (triton.cdiv(h * w, bm), b * n)
+    _fwd_kernel[grid](q, kc, v, rr, rc, out, lse, h, w, d, dv, dr, K=kernel_size, HAS_K=has_k,
+                      HAS_REL=has_rel, MASK=mask_border, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
+    return out, lse
+
+
+def triton_backward(g, q, k, v, rel_row, rel_col, out, lse, kernel_size, mask_border):  # noqa: ANN001, ANN201
+    """(dq, dk or None, dv, d_rel_row or None, d_rel_col or None) in the inputs' dtypes."""
+    b, n, d, h, w = q.shape
+    dv = v.shape[2]
+    has_k, has_rel = k is not None, rel_row is not None
+    q_dt = q.dtype
+    q, kc, v, rr, rc, dr = _prepared(q, k, v, rel_row, rel_col)
+    g = g.contiguous()
+    lse = lse.float().contiguous()
+    delta = (g.float() * out.float()).sum(2).contiguous()  # [B, N, H, W]
+    dq = torch.empty(b, n, d, h, w, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(b, n, d, h, w, device=q.device, dtype=torch.float32) if has_k else dq
+    dvv = torch.zeros(b, n, dv, h, w, device=q.device, dtype=torch.float32)
+    kk = kernel_size if has_rel else 1
+    rs = torch.zeros(b, n, kk, h, w, device=q.device, dtype=torch.float32)
+    cs = torch.zeros(b, n, kk, h, w, device=q.device, dtype=torch.float32)
+    bm, bd, bdv = _blocks(d, dv)
+    grid = (triton.cdiv(h * w, bm), b * n)
+    _bwd_kernel[grid](q, kc, v, rr, rc, g, lse, delta, dq, dk, dvv, rs, cs, h, w, d, dv, dr,
+                      K=kernel_size, HAS_K=has_k, HAS_REL=has_rel, MASK=mask_border,
+                      BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
+    d_rr = d_rc = None
+    if has_rel:
+        qf = q.float()
+        d_rr = torch.einsum("bnthw,bndhw->td", rs, qf[:, :, :dr]).to(rel_row.dtype)
+        d_rc = torch.einsum("bnuhw,bndhw->ud", cs, qf[:, :, dr:]).to(rel_col.dtype)
+    return (dq.to(q_dt), dk.to(k.dtype) if has_k else None, dvv.to(v.dtype), d_rr, d_rc)
+
+
 class _TritonAttention(torch.autograd.Function):
+    """The kernels under plain autograd (what :func:`self_check` runs, outside the op)."""
+
     @staticmethod
     def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN205
-        b, n, d, h, w = q.shape
-        dv = v.shape[2]
-        has_k, has_rel = k is not None, rel_row is not None
-        q, v = q.contiguous(), v.contiguous()
-        kc = k.contiguous() if has_k else q
-        rr = rel_row.float().contiguous() if has_rel else q.new_zeros(1, dtype=torch.float32)
-        rc = rel_col.float().contiguous() if has_rel else q.new_zeros(1, dtype=torch.float32)
-        dr = rel_row.shape[1] if has_rel else 0
-        out = torch.empty(b, n, dv, h, w, device=q.device, dtype=v.dtype)
-        lse = torch.empty(b, n, h, w, device=q.device, dtype=torch.float32)
-        bm, bd, bdv = _blocks(d, dv)
-        grid = (triton.cdiv(h * w, bm), b * n)
-        _fwd_kernel[grid](q, kc, v, rr, rc, out, lse, h, w, d, dv, dr, K=kernel_size, HAS_K=has_k,
-                          HAS_REL=has_rel, MASK=mask_border, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
-        ctx.save_for_backward(q, kc, v, rr, rc, out, lse)
-        ctx.meta = (kernel_size, has_k, has_rel, mask_border, dr)
-        ctx.dtypes = (
-            k.dtype if has_k else None,
-            rel_row.dtype if has_rel else None,
-            rel_col.dtype if has_rel else None,
-        )
+        out, lse = triton_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border)
+        ctx.save_for_backward(q, k, v, rel_row, rel_col, out, lse)
+        ctx.meta = (kernel_size, mask_border)
         return out
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
-        q, kc, v, rr, rc, out, lse = ctx.saved_tensors
-        kernel_size, has_k, has_rel, mask_border, dr = ctx.meta
-        k_dt, rr_dt, rc_dt = ctx.dtypes
-        b, n, d, h, w = q.shape
-        dv = v.shape[2]
-        g = g.contiguous()
-        delta = (g.float() * out.float()).sum(2).contiguous()  # [B, N, H, W]
-        dq = torch.empty(b, n, d, h, w, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(b, n, d, h, w, device=q.device, dtype=torch.float32) if has_k else dq
-        dvv = torch.zeros(b, n, dv, h, w, device=q.device, dtype=torch.float32)
-        kk = kernel_size if has_rel else 1
-        rs = torch.zeros(b, n, kk, h, w, device=q.device, dtype=torch.float32)
-        cs = torch.zeros(b, n, kk, h, w, device=q.device, dtype=torch.float32)
-        bm, bd, bdv = _blocks(d, dv)
-        grid = (triton.cdiv(h * w, bm), b * n)
-        _bwd_kernel[grid](q, kc, v, rr, rc, g, lse, delta, dq, dk, dvv, rs, cs, h, w, d, dv, dr,
-                          K=kernel_size, HAS_K=has_k, HAS_REL=has_rel, MASK=mask_border,
-                          BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)  # fmt: skip
-        d_rr = d_rc = None
-        if has_rel:
-            qf = q.float()
-            d_rr = torch.einsum("bnthw,bndhw->td", rs, qf[:, :, :dr]).to(rr_dt)
-            d_rc = torch.einsum("bnuhw,bndhw->ud", cs, qf[:, :, dr:]).to(rc_dt)
-        return (dq.to(q.dtype), dk.to(k_dt) if has_k else None, dvv.to(v.dtype), d_rr, d_rc, None, None)
+        q, k, v, rel_row, rel_col, out, lse = ctx.saved_tensors
+        kernel_size, mask_border = ctx.meta
+        return (*triton_backward(g, q, k, v, rel_row, rel_col, out, lse, kernel_size, mask_border), None, None)
 
 
 # (batch, heads, head dim, H, W, k, mask_border, has_k, has_rel): borders, a map smaller than k,
@@ -295,6 +313,59 @@ def self_check(device: torch.device | str) -> str | None:
     return None
 
 
+@torch._dynamo.assume_constant_result
+def ready(device: str) -> bool:
+    """Triton usable on ``device`` (runs the first-use :func:`self_check` there once); a
+    constant to torch.compile."""
+    global _FAILED
+    if _FAILED is None and _HAVE_TRITON and device.startswith("cuda") and device not in _CHECKED:
+        problem = self_check(device)
+        if problem is None:
+            _CHECKED.add(device)
+        else:
+            _FAILED = problem
+            warnings.warn(f"sasa_bench: backend 'triton' failed its first-use check ({_FAILED}); using 'shift'", stacklevel=2)
+    return _FAILED is None and _HAVE_TRITON
+
+
+def _fail(e: Exception) -> None:
+    global _FAILED
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        raise e
+    msg = str(e).strip().splitlines()
+    _FAILED = f"{type(e).__name__}: {msg[-1] if msg else ''}"
+    warnings.warn(f"sasa_bench: backend 'triton' failed ({_FAILED}); using 'shift'", stacklevel=3)
+
+
+if _HAVE_TRITON:
+    from sasa_bench.kernels.op import (
+        backward_outputs,
+        fallback_backward,
+        fallback_forward,
+        local_attention_op,
+    )
+
+    @local_attention_op.register_kernel("cuda")
+    def _cuda_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN202
+        if _FAILED is None:
+            try:
+                out, lse = triton_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border)
+                return out, (lse.double() if q.dtype == torch.float64 else lse)
+            except Exception as e:  # noqa: BLE001 - a compile failure must not kill a benchmark
+                _fail(e)
+        return fallback_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border)
+
+    @torch.library.register_kernel("sasa::local_attention_backward", "cuda")
+    def _cuda_backward(grad, q, k, v, rel_row, rel_col, out, lse, kernel_size, mask_border):  # noqa: ANN001, ANN202
+        if _FAILED is None:
+            try:
+                grads = triton_backward(grad, q, k, v, rel_row, rel_col, out, lse, kernel_size, mask_border)
+                return backward_outputs(grads, q, k, v, rel_row, rel_col)
+            except Exception as e:  # noqa: BLE001
+                _fail(e)
+        return fallback_backward(grad, q, k, v, rel_row, rel_col, kernel_size, mask_border)
+
+
 def local_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -304,24 +375,12 @@ def local_attention_triton(
     kernel_size: int,
     mask_border: bool = True,
 ) -> torch.Tensor:
-    """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`."""
-    global _FAILED
-    if _FAILED is None and _HAVE_TRITON and q.is_cuda and str(q.device) not in _CHECKED:
-        problem = self_check(q.device)
-        if problem is None:
-            _CHECKED.add(str(q.device))
-        else:
-            _FAILED = problem
-            warnings.warn(f"sasa_bench: backend 'triton' failed its first-use check ({_FAILED}); using 'shift'", stacklevel=2)
-    if _FAILED is None and _HAVE_TRITON:
-        try:
-            return _TritonAttention.apply(q, k, v, rel_row, rel_col, kernel_size, mask_border)
-        except Exception as e:  # noqa: BLE001 - a compile failure must not kill a benchmark
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            msg = str(e).strip().splitlines()
-            _FAILED = f"{type(e).__name__}: {msg[-1] if msg else ''}"
-            warnings.warn(f"sasa_bench: backend 'triton' failed ({_FAILED}); using 'shift'", stacklevel=2)
+    """Same operator as :func:`~sasa_bench.kernels.reference.local_attention_reference`, through
+    the ``sasa::local_attention`` op (its CUDA kernel); ``shift`` where Triton cannot run."""
+    if q.is_cuda and ready(str(q.device)):
+        return torch.ops.sasa.local_attention(q, k, v, rel_row, rel_col, kernel_size, mask_border)[0]
+    if INTERPRET and _HAVE_TRITON and _FAILED is None:  # CPU tensors through Triton's interpreter
+        return _TritonAttention.apply(q, k, v, rel_row, rel_col, kernel_size, mask_border)
     from sasa_bench.kernels.shift import local_attention_shift
 
     return local_attention_shift(q, k, v, rel_row, rel_col, kernel_size, mask_border)

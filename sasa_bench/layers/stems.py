@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sasa_bench.errors import SasaError
-from sasa_bench.kernels import stem_cpu
+from sasa_bench.kernels import check_backend_name, stem_cpu
 from sasa_bench.kernels.op import is_counting
 from sasa_bench.layers.positional import split_head_dim
 
@@ -80,8 +80,10 @@ class AttentionStem(nn.Module):
         heads: int = 4,
         mixtures: int = 4,
         values: str = "mixture",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.backend = check_backend_name(backend)
         if out_channels % heads:
             raise SasaError(f"stem heads={heads} does not divide the stem width {out_channels}")
         if mixtures < 1:
@@ -131,17 +133,23 @@ class AttentionStem(nn.Module):
         n = BLOCK * BLOCK
         return torch.cat([row, col], dim=-1).reshape(n, n, self.head_dim)
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """The fused CPU kernel runs for backend ``auto`` / ``cpu_fused`` on the CPU, when built."""
+        return self.backend in ("auto", "cpu_fused") and x.device.type == "cpu" and stem_cpu.load()
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's attention before BN and pooling: [B, C_in, H, W] -> [B, C_out, H, W].
 
-        While FLOPs are counted, the paper's formulation (:meth:`_attend_paper`); otherwise the
-        fused CPU kernel where it is available, else :meth:`_attend_torch` (same math)."""
+        While FLOPs are counted, and for backend ``reference``, the paper's formulation
+        (:meth:`_attend_paper`); for ``auto`` / ``cpu_fused`` the fused CPU kernel where it is
+        available; otherwise (``shift``, ``flex``, ``triton``, other devices) :meth:`_attend_torch`
+        (same math)."""
         _, _, h, w = x.shape
         if h % BLOCK or w % BLOCK:
             raise SasaError(f"the attention stem needs an image size divisible by {BLOCK}, got {h}x{w}")
-        if is_counting():
+        if is_counting() or self.backend == "reference":
             return self._attend_paper(x)
-        if x.device.type == "cpu" and stem_cpu.load():  # builds once; warns once if it cannot
+        if self._use_kernel(x):  # builds once; warns once if it cannot
             return self._attend_kernel(x)
         return self._attend_torch(x)
 
@@ -176,8 +184,7 @@ class AttentionStem(nn.Module):
     def _attend_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The fused CPU kernel (:mod:`sasa_bench.kernels.stem_cpu`)."""
         vmap = self.value(x) if self.values == "conv" else None
-        y = stem_cpu.stem_block_attention(x, self.position_weights(), self._relative_table(), vmap, self.heads)
-        return y if x.dtype in (torch.float32, torch.float64) else y.to(x.dtype)
+        return stem_cpu.stem_block_attention(x, self.position_weights(), self._relative_table(), vmap, self.heads)
 
     def _attend_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Pure PyTorch, on the ``pixel_unshuffle`` block layout with one stacked projection."""
@@ -207,7 +214,7 @@ class AttentionStem(nn.Module):
         return (
             not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None
             and x.device.type == "cpu" and not is_counting()
-            and x.shape[-2] % BLOCK == 0 and x.shape[-1] % BLOCK == 0 and stem_cpu.load()
+            and x.shape[-2] % BLOCK == 0 and x.shape[-1] % BLOCK == 0 and self._use_kernel(x)
         )
 
     def _forward_fused_inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,11 +234,13 @@ class AttentionStem(nn.Module):
         return self.pool(self.bn(self.attend(x)))
 
 
-def make_stem(kind: str, in_channels: int, out_channels: int, heads: int = 4, mixtures: int = 4) -> nn.Module:
-    """Build a stem by its CLI name (see ``STEM_CHOICES``)."""
+def make_stem(
+    kind: str, in_channels: int, out_channels: int, heads: int = 4, mixtures: int = 4, backend: str = "auto"
+) -> nn.Module:
+    """Build a stem by its CLI name (see ``STEM_CHOICES``); ``backend`` as for the attention layers."""
     if kind == "conv":
         return ConvStem(in_channels, out_channels)
     values = {"attention": "mixture", "attention-plain": "plain", "attention-conv-values": "conv"}
     if kind not in values:
         raise SasaError(f"unknown stem {kind!r} (choose from {', '.join(STEM_CHOICES)})")
-    return AttentionStem(in_channels, out_channels, heads, mixtures, values[kind])
+    return AttentionStem(in_channels, out_channels, heads, mixtures, values[kind], backend)

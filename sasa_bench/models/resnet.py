@@ -72,7 +72,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.spec = spec
         stem_w = spec.stem_width()
-        self.stem = make_stem(spec.stem, 3, stem_w, spec.stem_heads, spec.stem_mixtures)
+        self.stem = make_stem(spec.stem, 3, stem_w, spec.stem_heads, spec.stem_mixtures, spec.backend)
         in_ch = stem_w
         groups = []
         for g, (n_blocks, width) in enumerate(zip(spec.blocks, spec.group_widths(), strict=True), start=1):
