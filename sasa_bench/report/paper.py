@@ -19,32 +19,37 @@ TABLE1: dict[str, tuple[float, float, float]] = {
     "sasa_resnet50": (7.2, 18.0, 77.6),
 }
 
-# Table 3 — conv groups / attention groups -> top-1 on the held-out 4% split (~3 pts above val).
-TABLE3_STAGES: dict[str, float] = {
-    "1,2,3,4": 80.2,
-    "2,3,4": 80.7,
-    "3,4": 80.7,
-    "4": 80.2,
-    "none": 79.5,
-    "1": 79.7,
-    "1,2": 79.6,
-    "1,2,3": 79.9,
-}  # keys: the attention groups
+# Tables 3-7 (ablations, ResNet-50, 224x224): (GFLOPS, params M or None where not printed, top-1 %).
+Row = tuple[float, float | None, float]
 
-# Table 4 — spatial extent k -> ImageNet val top-1.
-TABLE4_K: dict[int, float] = {3: 76.4, 5: 77.2, 7: 77.4, 9: 77.7, 11: 77.6}
+# Table 3 — attention groups (the rest convolution) -> top-1 on the held-out 4% split (~3 pts above val).
+TABLE3_STAGES: dict[str, Row] = {
+    "1,2,3,4": (7.0, 18.0, 80.2),
+    "2,3,4": (7.3, 18.1, 80.7),
+    "3,4": (7.5, 18.5, 80.7),
+    "4": (8.0, 20.8, 80.2),
+    "none": (8.2, 25.6, 79.5),
+    "1": (7.9, 25.5, 79.7),
+    "1,2": (7.8, 25.0, 79.6),
+    "1,2,3": (7.2, 22.7, 79.9),
+}
 
-# Table 5 — positional encoding -> held-out split top-1.
-TABLE5_POS: dict[str, float] = {"none": 77.6, "absolute": 78.2, "relative": 80.2}
+# Table 4 — spatial extent k -> ImageNet val (params constant, 18.0 M).
+TABLE4_K: dict[int, Row] = {
+    3: (6.6, 18.0, 76.4), 5: (6.7, 18.0, 77.2), 7: (7.0, 18.0, 77.4), 9: (7.3, 18.0, 77.7), 11: (7.7, 18.0, 77.6),
+}
 
-# Table 6 — logit terms -> ImageNet val top-1.
-TABLE6_LOGITS: dict[str, float] = {"qr": 76.9, "qk+qr": 77.4}
+# Table 5 — positional encoding -> held-out split.
+TABLE5_POS: dict[str, Row] = {"none": (6.9, 18.0, 77.6), "absolute": (6.9, 18.0, 78.2), "relative": (7.0, 18.0, 80.2)}
 
-# Table 7 — attention stem of the full-attention ResNet-50 -> ImageNet val top-1.
-TABLE7_STEM: dict[str, float] = {
-    "attention-plain": 76.2,
-    "attention-conv-values": 77.2,
-    "attention": 77.6,
+# Table 6 — logit terms -> ImageNet val.
+TABLE6_LOGITS: dict[str, Row] = {"qr": (6.1, 16.7, 76.9), "qk+qr": (7.0, 18.0, 77.4)}
+
+# Table 7 — attention stem of the full-attention ResNet-50 -> ImageNet val (no params column).
+TABLE7_STEM: dict[str, Row] = {
+    "attention-plain": (7.1, None, 76.2),
+    "attention-conv-values": (7.4, None, 77.2),
+    "attention": (7.2, None, 77.6),
 }
 
 # Table 2 — COCO detection with RetinaNet. model preset -> (GFLOPS, params M, mAP_coco, mAP_50,
