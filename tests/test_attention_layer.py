@@ -396,3 +396,59 @@ def test_backend_matches_reference(
     names = ["input", *(n for n, _ in ref.named_parameters())]
     for name, a, b in zip(names, grads(layer, x, y, g.float().to(device)), grads(ref, x64, y_ref, g), strict=True):
         torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the attention core and the stem are torch.library ops, so a SASA model is one
+# graph (no breaks) and the compiled model computes what the eager one does, gradients included.
+# --------------------------------------------------------------------------------------------
+
+
+def _small(preset: str) -> torch.nn.Module:
+    from sasa_bench import create_model
+
+    return create_model(preset, width=0.25, image_size=32, num_classes=10, depth=26)
+
+
+@pytest.mark.parametrize("backend", ["auto", *(pytest.param(b, marks=pytest.mark.slow) for b in ("shift", "reference"))])
+def test_dynamo_sees_no_graph_break_in_a_layer(backend: str) -> None:
+    layer = make_layer(8, 8, torch.float32, kernel_size=3, heads=2, backend=backend)
+    explained = torch._dynamo.explain(layer)(torch.randn(1, 8, 6, 6))
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_dynamo_sees_no_graph_break_in_a_sasa_model(train: bool) -> None:
+    model = _small("sasa_resnet50").train(train)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(train):
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def _compile_matches_eager(preset: str) -> None:
+    torch._dynamo.reset()
+    model = _small(preset)
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    want.square().sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    got = torch.compile(model, fullgraph=True)(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip((p.grad for p in model.parameters()), want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * max(1.0, w.abs().max().item()))
+    model.eval()
+    with torch.no_grad():  # inference: the pooled stem op
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sasa_resnet50", "sasa_resnet50_convstem"])
+def test_compiled_model_matches_eager(preset: str) -> None:
+    """torch.compile(fullgraph=True) on small versions of the presets (depth 26, width 1/4,
+    32x32): forward, every parameter gradient, and the inference path."""
+    _compile_matches_eager(preset)

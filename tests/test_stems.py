@@ -348,3 +348,50 @@ def test_kernel_forward_survives_nan_weights() -> None:
         stem.query.weight[0, 0] = float("nan")
     y = stem._attend_kernel(torch.randn(1, 3, 8, 8))
     assert torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "shift", "auto"])
+def test_stem_honours_the_backend(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--backend reference`` runs the paper's formulation, ``shift`` the PyTorch block path,
+    ``auto`` the fused kernel where it is built; all compute the same stem."""
+    from sasa_bench.kernels import stem_cpu
+    from sasa_bench.layers.stems import AttentionStem
+
+    stem = AttentionStem(3, 16, heads=2, backend=backend).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    called = []
+    for name in ("_attend_paper", "_attend_torch", "_attend_kernel"):
+        orig = getattr(AttentionStem, name)
+
+        def spy(self, x, _orig=orig, _name=name):  # noqa: ANN001, ANN202
+            called.append(_name)
+            return _orig(self, x)
+
+        monkeypatch.setattr(AttentionStem, name, spy)
+    y = stem.attend(x)
+    want = {"reference": "_attend_paper", "shift": "_attend_torch"}.get(
+        backend, "_attend_kernel" if stem_cpu.load() else "_attend_torch"
+    )
+    assert called == [want]
+    ref = AttentionStem(3, 16, heads=2, backend="reference").double()
+    ref.load_state_dict(stem.state_dict())
+    torch.testing.assert_close(y, ref.attend(x), rtol=1e-9, atol=1e-9)
+
+
+def test_stem_opcheck() -> None:
+    """Schema, fake kernel, autograd registration and AOT dispatch of the stem ops."""
+    from sasa_bench.kernels import stem_cpu
+    from sasa_bench.layers.stems import AttentionStem
+
+    if not stem_cpu.load():
+        pytest.skip("C++ kernels unavailable")
+    for values in ("mixture", "conv"):
+        stem = AttentionStem(3, 16, heads=2, values=values)
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        w = stem.position_weights().permute(1, 2, 0).detach().requires_grad_()
+        r = stem._relative_table().permute(1, 2, 0).detach().requires_grad_()
+        vmap = stem.value(x).detach().requires_grad_() if values == "conv" else None
+        torch.library.opcheck(torch.ops.sasa.stem_attention.default, (x, w, r, vmap, 2))
+        scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+        args = (x.detach(), w.detach(), r.detach(), None if vmap is None else vmap.detach(), 2, scale, shift)
+        torch.library.opcheck(torch.ops.sasa.stem_attention_pooled.default, args)

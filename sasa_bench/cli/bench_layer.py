@@ -18,7 +18,8 @@ CSV_COLUMNS = [
     "stage", "channels", "size", "batch_size", "dtype", "layer", "backend", "fwd_ms", "fwd_min_ms",
     "fwdbwd_ms", "fwdbwd_min_ms", "fwd_vs_conv", "fwdbwd_vs_conv", "fwd_speedup_vs_reference",
     "fwdbwd_speedup_vs_reference", "peak_mem_fwd_mb", "peak_mem_fwdbwd_mb", "mem_fwdbwd_vs_reference",
-    "mem_method", "build_s", "kernel_size", "heads", "device", "threads", "torch", "warmup", "iters",
+    "mem_method", "build_s", "isa", "fwd_gflops", "peak_gflops", "fwd_peak_frac", "kernel_size", "heads",
+    "device", "threads", "torch", "cpu", "aten_isa", "kernel_isa", "warmup", "iters",
 ]  # fmt: skip
 
 
@@ -86,16 +87,21 @@ def bench_layer(
     title = (
         f"Attention layer (k={r0['kernel_size']}, {r0['heads']} heads, projections included) vs 3x3 conv — "
         f"batch {r0['batch_size']}, {r0['device']}, {r0['threads']} threads, torch {r0['torch']}, "
-        f"{r0['warmup']} warm-up + {r0['iters']} interleaved rounds"
+        f"{r0['warmup']} warm-up + {r0['iters']} interleaved rounds; {r0['cpu']}, PyTorch ISA {r0['aten_isa']}, "
+        f"C++ kernel ISA {r0['kernel_isa'] or 'not loaded'}. GFLOP/s: forward, analytic FLOPs; peak = threads x 2 FMA "
+        "pipes x fp32 lanes of the ISA x 2 x reported clock (an assumption; core:* rows time the attention alone)"
     )
     cols = ["stage", "channels", "size", "dtype", "layer", "fwd_ms", "fwdbwd_ms", "fwd_vs_conv", "fwdbwd_vs_conv",
-            "fwd_speedup_vs_reference", "fwdbwd_speedup_vs_reference", "peak_mem_fwdbwd_mb", "mem_fwdbwd_vs_reference"]  # fmt: skip
+            "fwd_speedup_vs_reference", "fwdbwd_speedup_vs_reference", "peak_mem_fwdbwd_mb", "mem_fwdbwd_vs_reference",
+            "isa", "fwd_gflops", "fwd_peak_frac"]  # fmt: skip
     headers = {
         "fwd_ms": "fwd ms", "fwdbwd_ms": "fwd+bwd ms", "fwd_vs_conv": "fwd ×conv", "fwdbwd_vs_conv": "f+b ×conv",
         "fwd_speedup_vs_reference": "fwd ref/x", "fwdbwd_speedup_vs_reference": "f+b ref/x",
         "peak_mem_fwdbwd_mb": f"f+b peak MB ({r0['mem_method']})", "mem_fwdbwd_vs_reference": "mem ×ref",
+        "fwd_gflops": "fwd GFLOP/s", "fwd_peak_frac": "of peak",
     }  # fmt: skip
     digits: dict[str, Any] = {"fwd_ms": 1, "fwdbwd_ms": 1, "fwd_vs_conv": 2, "fwdbwd_vs_conv": 2,
                               "fwd_speedup_vs_reference": 1, "fwdbwd_speedup_vs_reference": 1,
-                              "peak_mem_fwdbwd_mb": 1, "mem_fwdbwd_vs_reference": 3}  # fmt: skip
+                              "peak_mem_fwdbwd_mb": 1, "mem_fwdbwd_vs_reference": 3, "fwd_gflops": 1,
+                              "fwd_peak_frac": 2}  # fmt: skip
     emit(rows, fmt, cols, title=title, headers=headers, digits=digits)

@@ -93,3 +93,27 @@ def resolve_backend(name: str, device_type: str) -> Backend:
     if device_type not in b.devices or not b.is_available():
         raise SasaError(f"attention backend {name!r} cannot run on {device_type} on this machine")
     return b
+
+
+def backend_that_runs(name: str, device_type: str) -> str:
+    """The backend that actually runs ``name`` on ``device_type``: built first (a lazy C++ build
+    happens here, outside any timing), and ``shift`` if that build failed, since the fast
+    backends fall back to it."""
+    b = resolve_backend(name, device_type)
+    if b.warm_up is not None:
+        b.warm_up()
+    return b.name if b.is_available() else "shift"
+
+
+def kernel_facts() -> dict[str, str | None]:
+    """What the results must say about the CPU kernels: the ISA the loaded C++ kernel was built for
+    (None if it was never loaded), beside the host's CPU model and PyTorch's own ISA."""
+    from sasa_bench import hardware
+    from sasa_bench.kernels import cpp_build
+
+    ext = cpp_build.extension()
+    return {
+        "cpu": hardware.cpu_model(),
+        "aten_isa": hardware.aten_capability(),
+        "kernel_isa": ext.module.isa() if ext.module is not None else None,
+    }

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sasa_bench.errors import SasaError
-from sasa_bench.kernels import resolve_backend
+from sasa_bench.kernels.registry import backend_that_runs, kernel_facts
 from sasa_bench.measure.flops import FlopCount, count_flops
 from sasa_bench.measure.memory import PeakMemory, peak_memory
 from sasa_bench.spec import ModelSpec
@@ -156,7 +156,8 @@ class Workload:
         self.batch_size = batch_size
         self.train = opts.mode == "train"
         # The attention backend that runs (None: a plain ResNet has no attention to run).
-        self.backend = resolve_backend(spec.backend, device.type).name if spec.uses_attention else None
+        # Resolved after the lazy build, so a failed C++ build reports the fallback (shift) that ran.
+        self.backend = backend_that_runs(spec.backend, device.type) if spec.uses_attention else None
         model = build_model(spec)
         counts = _COUNTS.get(spec)
         if counts is None:
@@ -294,6 +295,7 @@ def env_info(opts: LatencyOptions, device: torch.device, warmup: int, iters: int
         "compile": opts.compile,
         "warmup": warmup,
         "iters": iters,
+        **kernel_facts(),  # CPU model, PyTorch's ISA, the ISA the C++ kernel was built for
     }
 
 

@@ -20,13 +20,23 @@ measured once after the warm-up. Backends with a build step (``Backend.warm_up``
 before anything is timed; the build time is reported as ``build_s``.
 
 dtypes run natively (modules and input cast to the dtype, no autocast); a backend may compute
-internally in fp32 (``cpu_fused`` does for bf16).
+internally in fp32 (``cpu_fused`` does for bf16). A bf16 request on a host without native bf16
+(:func:`sasa_bench.hardware.native_bf16`) is measured in fp32, with one warning line: there
+PyTorch's bf16 convolutions take a slow fallback, and timing that would say nothing about attention.
+
+How close to the machine: for the conv and for each backend's attention core alone
+(``core:<backend>`` rows: the window attention on fixed q, k, v, no projections) the rows give
+the achieved forward GFLOP/s (the analytic FLOPs: 2 per multiply-add, the paper's count) and its
+fraction of the host's fp32 peak, :func:`sasa_bench.hardware.fp32_peak_gflops` =
+threads x 2 FMA pipes x fp32 lanes x 2 x the reported clock, for the ISA each one ran (PyTorch's
+for the conv, the C++ kernel's for ``cpu_fused``).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +44,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from sasa_bench import hardware
 from sasa_bench.errors import SasaError
-from sasa_bench.kernels.registry import all_backends, available_backends, check_backend_name, resolve_backend
+from sasa_bench.kernels.op import attention_macs
+from sasa_bench.kernels.registry import (
+    all_backends,
+    available_backends,
+    backend_that_runs,
+    check_backend_name,
+    kernel_facts,
+)
 from sasa_bench.measure.memory import peak_memory
 
 # ResNet-50's four bottleneck stages: (width, feature-map side) at 224² input.
@@ -45,6 +63,7 @@ CONV = "conv3x3"
 STEPS = ("fwd", "fwdbwd")
 
 ProgressFn = Callable[[str, int, int], None]
+_ISA_OF_ATEN = {"AVX512": "avx512", "AVX512_VNNI": "avx512", "AVX2": "avx2"}  # PyTorch's name -> ours
 
 
 @dataclass
@@ -99,9 +118,51 @@ class LayerBenchOptions:
         return [b for b in available_backends(self.torch_device().type) if b != "auto"]
 
 
+def resolve_dtypes(names: list[str], device: torch.device) -> list[str]:
+    """The dtypes to measure: bf16 becomes fp32 (one warning line) where bf16 is not native."""
+    out: list[str] = []
+    for d in names:
+        if d == "bf16" and not hardware.native_bf16(device):
+            warnings.warn(
+                f"bf16 requested on a host without native bf16 ({hardware.cpu_model()}, "
+                f"{hardware.aten_capability()}): measuring fp32 instead",
+                stacklevel=2,
+            )
+            d = "fp32"
+        if d not in out:
+            out.append(d)
+    return out
+
+
+class _Core(nn.Module):
+    """The attention core alone (no projections): the window attention on fixed q, k, v."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        b, c, h, w = x.shape
+        n, d, kk = layer.heads, layer.head_dim, layer.kernel_size
+        gen = torch.Generator().manual_seed(1)
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=gen).to(x.device, x.dtype))
+
+        self.q, self.k, self.v = param(b, n, d, h, w), param(b, n, d, h, w), param(b, n, d, h, w)
+        self.rel_row, self.rel_col = param(kk, d // 2), param(kk, d - d // 2)
+        self.kernel_size, self.backend = kk, layer.backend
+        self.macs = attention_macs((b, n, d, h, w), True, (b, n, d, h, w), True, kk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sasa_bench.kernels import local_attention
+
+        out = local_attention(self.q, self.k, self.v, self.rel_row, self.rel_col, self.kernel_size, True, self.backend)
+        return out.reshape(x.shape)
+
+
 class _Candidate:
-    def __init__(self, name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
-        self.name, self.module, self.x, self.grad = name, module, x, grad
+    def __init__(
+        self, name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, macs: int | None = None
+    ) -> None:
+        self.name, self.module, self.x, self.grad, self.macs = name, module, x, grad, macs
         self.times: dict[str, list[float]] = {s: [] for s in STEPS}
         self.mem: dict[str, float | None] = {s: None for s in STEPS}
         self.mem_method = "unavailable"
@@ -144,20 +205,23 @@ def measure_layers(opts: LayerBenchOptions, progress: ProgressFn | None = None) 
     device = opts.torch_device()
     names = opts.backend_names()
     build_s: dict[str, float | None] = {}
+    ran: dict[str, str] = {}  # requested -> the backend that runs (after the lazy build)
     for b in names:
-        be = resolve_backend(b, device.type)
-        build_s[b] = be.warm_up() if be.warm_up is not None else None
+        be = all_backends().get(b)
+        ran[b] = backend_that_runs(b, device.type)
+        build_s[b] = be.warm_up() if be is not None and be.warm_up is not None else None
+    dtypes = resolve_dtypes(opts.dtypes, device)
 
     prev_threads = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     rows: list[dict[str, Any]] = []
-    total = len(opts.stages) * len(opts.dtypes)
+    total = len(opts.stages) * len(dtypes)
     done = 0
     try:
         for stage in opts.stages:
             width, size = STAGES[stage]
-            for dname in opts.dtypes:
+            for dname in dtypes:
                 dtype = DTYPES[dname]
                 if progress:
                     progress(f"stage {stage} ({width} ch @ {size}²) {dname}", done, total)
@@ -166,7 +230,8 @@ def measure_layers(opts: LayerBenchOptions, progress: ProgressFn | None = None) 
                 grad = torch.randn(opts.batch_size, width, size, size, generator=gen).to(device, dtype)
                 x.requires_grad_(True)
                 conv = nn.Conv2d(width, width, 3, padding=1, bias=False).to(device, dtype)
-                cands = [_Candidate(CONV, conv, x, grad)]
+                cands = [_Candidate(CONV, conv, x, grad, opts.batch_size * width * width * 9 * size * size)]
+                cores = []
                 state = None
                 for b in names:
                     layer = LocalSelfAttention2d(width, width, opts.kernel_size, opts.heads, backend=b)
@@ -175,6 +240,10 @@ def measure_layers(opts: LayerBenchOptions, progress: ProgressFn | None = None) 
                     else:  # the same weights whichever backend runs them
                         layer.load_state_dict(state)
                     cands.append(_Candidate(b, layer.to(device, dtype), x, grad))
+                    if ran[b] != "reference":  # the core alone, for GFLOP/s (reference: too slow to matter)
+                        core = _Core(layer, x)
+                        cores.append(_Candidate(f"core:{b}", core, x, grad, core.macs))
+                cands.extend(cores)
                 for step in STEPS:
                     for c in cands:
                         for _ in range(opts.warmup):
@@ -186,7 +255,7 @@ def measure_layers(opts: LayerBenchOptions, progress: ProgressFn | None = None) 
                     for _ in range(opts.iters):
                         for c in cands:
                             c.times[step].append(_timed(lambda c=c, step=step: c.run(step), device))
-                rows.extend(_rows(cands, stage, width, size, dname, opts, device, build_s))
+                rows.extend(_rows(cands, stage, width, size, dname, opts, device, build_s, ran))
                 done += 1
                 if progress:
                     progress(f"stage {stage} {dname} done", done, total)
@@ -204,8 +273,11 @@ def _rows(
     opts: LayerBenchOptions,
     device: torch.device,
     build_s: dict[str, float | None],
+    ran: dict[str, str],
 ) -> list[dict[str, Any]]:
     conv = cands[0]
+    facts = kernel_facts()
+    threads = torch.get_num_threads()
     ref = next((c for c in cands if c.name == "reference"), None)
     out = []
     for c in cands:
@@ -216,7 +288,7 @@ def _rows(
             "batch_size": opts.batch_size,
             "dtype": dname,
             "layer": c.name,
-            "backend": None if c is conv else resolve_backend(c.name, device.type).name,
+            "backend": None if c is conv else ran[c.name.removeprefix("core:")],
         }
         for s in STEPS:
             row[f"{s}_ms"] = statistics.median(c.times[s]) * 1e3
@@ -225,20 +297,30 @@ def _rows(
             row[f"{s}_vs_conv"] = _median_ratio(c.times[s], conv.times[s])
         for s in STEPS:
             row[f"{s}_speedup_vs_reference"] = (
-                _median_ratio(ref.times[s], c.times[s]) if ref is not None and c is not conv else None
+                _median_ratio(ref.times[s], c.times[s]) if ref is not None and c is not conv and not c.macs else None
             )
         for s in STEPS:
             row[f"peak_mem_{s}_mb"] = c.mem[s]
         m, rm = c.mem["fwdbwd"], ref.mem["fwdbwd"] if ref is not None else None
-        row["mem_fwdbwd_vs_reference"] = m / rm if (m is not None and rm and c is not conv) else None
+        row["mem_fwdbwd_vs_reference"] = m / rm if (m is not None and rm and c is not conv and not c.macs) else None
         row["mem_method"] = c.mem_method
         row["build_s"] = build_s.get(c.name)
+        # the ISA this candidate ran with: the C++ kernel's for cpu_fused, PyTorch's otherwise
+        isa = facts["kernel_isa"] if row["backend"] == "cpu_fused" else _ISA_OF_ATEN.get(facts["aten_isa"], "portable")
+        row["isa"] = isa
+        row["fwd_gflops"] = 2 * c.macs / (statistics.median(c.times["fwd"]) * 1e9) if c.macs else None
+        peak = hardware.fp32_peak_gflops(isa, threads) if device.type == "cpu" else None
+        row["peak_gflops"] = peak
+        row["fwd_peak_frac"] = row["fwd_gflops"] / peak if (row["fwd_gflops"] and peak) else None
         row.update(
             kernel_size=opts.kernel_size,
             heads=opts.heads,
             device=str(device),
-            threads=torch.get_num_threads(),
+            threads=threads,
             torch=torch.__version__,
+            cpu=facts["cpu"],
+            aten_isa=facts["aten_isa"],
+            kernel_isa=facts["kernel_isa"],
             warmup=opts.warmup,
             iters=opts.iters,
         )
