@@ -107,6 +107,19 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def check_folder(path: str | os.PathLike[str], what: str) -> Path:
+    """Before any work: ``path`` is, or can be made, a folder this process can write in."""
+    p = Path(path)
+    q = p
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise SasaError(f"{what} {p}: {q} is a file, not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise SasaError(f"{what} {p}: permission denied ({q} is not writable)")
+    return p
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; an OS error names ``path`` (not the temp file)."""
     path = Path(path)
@@ -233,8 +246,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-strict JSON value {name}")
 
 
+_LIST = "a JSON list (rows saved from a command's --format json), not a result file"
+
+
 def check_record(rec: Any) -> str | None:
     """Why a parsed result does not count (None = it does): schema, required fields, types."""
+    if isinstance(rec, list):
+        return _LIST
     if not isinstance(rec, dict):
         return f"expected a JSON object, got {type(rec).__name__}"
     if rec.get("schema") != SCHEMA_VERSION:
@@ -292,6 +310,8 @@ def scan(results_dir: str | os.PathLike[str], kind: str | None = None) -> tuple[
         if not p.is_file():
             continue
         rec, reason = read_record(p)
+        if rec is None and reason == _LIST:
+            continue  # a command's `--format json` rows saved beside the results: not a store record
         if rec is None:
             problems.append(Problem(p, reason or "invalid"))
             continue
@@ -414,4 +434,38 @@ def key_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         plain.add(text)
         out.append(next((p for sec, p in _SECTIONS if path.startswith(sec)), "") + text)
+    return out
+
+
+def _run_settings(rec: dict[str, Any], neutral: frozenset[str] | set[str]) -> dict[str, Any]:
+    """The settings every result of one study run shares (not what the variants vary)."""
+    key = key_of_record(rec, neutral)
+    spec = key.get("spec") or {}
+    out = {f"{k.replace('_', ' ')}": spec.get(k) for k in ("image_size", "num_classes", "backend")}
+    cfg = {k: v for k, v in (key.get("train_config") or {}).items() if k != "seed"}
+    out.update({f"training {k}": v for k, v in _flat(cfg).items()})
+    lat = {k: v for k, v in (key.get("latency") or {}).items() if k != "vs"}
+    out.update({f"latency {k.replace('_', ' ')}": v for k, v in lat.items()})
+    return out
+
+
+def mixed_settings(records: list[dict[str, Any]], neutral: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """One line per study (and recipe) whose results were made with different shared settings
+    (e.g. some at image size 32, some at 64): such a table would compare unlike with unlike."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        if "study" in r and "variant" in r:
+            groups.setdefault((r["study"], r.get("train", "none")), []).append(r)
+    out = []
+    for (study, train), recs in sorted(groups.items()):
+        seen: dict[str, dict[str, list[str]]] = {}
+        for r in recs:
+            for name, v in _run_settings(r, neutral).items():
+                seen.setdefault(name, {}).setdefault(_show(v), []).append(f"{r['variant']}/seed{r.get('seed', 0)}")
+        diffs = [
+            f"{name} " + ", ".join(f"{v} ({', '.join(w[:3])}{', ...' if len(w) > 3 else ''})" for v, w in vals.items())
+            for name, vals in seen.items() if len(vals) > 1
+        ]
+        if diffs:
+            out.append(f"study {study!r} (train {train}) mixes results made with different settings: {'; '.join(diffs)}")
     return out

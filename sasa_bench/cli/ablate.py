@@ -10,6 +10,7 @@ import typer
 
 from sasa_bench.cli.output import err_console
 from sasa_bench.errors import SasaError
+from sasa_bench.store import check_folder
 
 _RUN = "Run"
 _SPEED = "Speed"
@@ -81,6 +82,9 @@ def ablate(
         ) + ("" if latency else " --no-latency"),
     )
     variants, todo = plan(study, opts)  # every option checked here, before any unit (and --dry-run)
+    check_folder(results, "--results")
+    if train != "none":
+        check_folder(runs, "--runs")
 
     if dry_run:
         _print_plan(study, opts, variants, todo)

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-from sasa_bench.cli.options import ModelOptions, model_options
+from sasa_bench.cli.options import SHARED_FIELDS, ModelOptions, model_options
 from sasa_bench.cli.output import check_format, emit, emit_machine, err_console, step_progress
 from sasa_bench.measure.latency import LatencyOptions, measure_latency, result_name
 from sasa_bench.spec import make_spec
-from sasa_bench.store import write_result
+from sasa_bench.store import check_folder, write_result
 
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv")]
 _PANEL = "Measurement"
@@ -54,7 +54,7 @@ def latency(
     mode: Annotated[str, typer.Option(help="inference (forward, inference_mode) | train (forward, backward, SGD step).", rich_help_panel=_PANEL)] = "inference",
     warmup: Annotated[int | None, typer.Option(help="Untimed steps first (default: 2 on CPU, 10 on CUDA).", rich_help_panel=_PANEL)] = None,
     iters: Annotated[int | None, typer.Option(help="Timed steps (default: 5 on CPU, 50 on CUDA).", rich_help_panel=_PANEL)] = None,
-    vs: Annotated[str | None, typer.Option("--vs", help="Baseline preset timed interleaved with each model (A B A B …), e.g. resnet50; gets --image-size, --num-classes and --backend.", rich_help_panel=_PANEL)] = None,
+    vs: Annotated[str | None, typer.Option("--vs", help="Baseline preset timed interleaved with each model (A B A B …), e.g. resnet50; gets --width, --image-size, --num-classes and --backend (the other model flags describe the measured model only).", rich_help_panel=_PANEL)] = None,
     retry_oom: Annotated[bool, typer.Option("--retry-oom", help="On out-of-memory, halve the batch size and retry.", rich_help_panel=_PANEL)] = False,
     save: Annotated[bool, typer.Option("--save", help="Write one result file per model under RESULTS/latency/.", rich_help_panel=_PANEL)] = False,
     results: Annotated[Path, typer.Option(help="Results folder for --save.", rich_help_panel=_PANEL)] = Path("results"),
@@ -78,11 +78,13 @@ def latency(
         retry_oom=retry_oom,
     )
     opts.validate()
+    if save:
+        check_folder(results, "--results")
     specs = model_opts.specs()
     overrides = model_opts.overrides()
     vs_spec = None
     if vs is not None:
-        vs_spec = make_spec(vs, **{k: overrides.get(k) for k in ("image_size", "num_classes", "backend")})
+        vs_spec = make_spec(vs, **{k: overrides.get(k) for k in SHARED_FIELDS})
 
     with step_progress("preparing…") as progress:
         rows = measure_latency(specs, opts, vs=vs_spec, progress=progress)

@@ -14,15 +14,44 @@ from sasa_bench.errors import SasaError
 def report(
     results: Annotated[Path, typer.Option(help="Results folder written by `sasa-bench ablate`.")] = Path("results"),
     out: Annotated[Path | None, typer.Option(help="Where REPORT.md, tables/ and figures/ go. (default: the results folder)")] = None,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Build a study's table even when its results were made with different settings (image size, recipe, ...).")] = False,
 ) -> None:
-    """Build REPORT.md: one table per study (ours beside the paper, with deltas), CSV copies and figures."""
+    """Build REPORT.md: one table per study (ours beside the paper, with deltas), CSV copies and figures.
+
+    Every unreadable or stale result file is listed (stderr and REPORT.md) with its reason."""
     from sasa_bench.report.document import write_report
+    from sasa_bench.store import check_folder, mixed_settings
+    from sasa_bench.studies.check import check_results
+    from sasa_bench.train.recipes import NEUTRAL_FIELDS
 
     if not results.is_dir():
         raise SasaError(f"no results folder {results} (run `sasa-bench ablate NAME` first)")
+    check_folder(out or results, "--out")
+    current, problems = check_results(results)
+    mixed = mixed_settings(current, NEUTRAL_FIELDS)
+    if mixed and not allow_mixed:
+        raise SasaError(f"{mixed[0]}; rerun the study with one setting (ablate redoes stale units) or pass --allow-mixed")
+    for p in problems:
+        err_console.print(f"warning: {p.path}: {p.reason}", markup=False, highlight=False, soft_wrap=True)
     with err_console.status("building the report…"):
         path, tables = write_report(results, out or results)
+    if problems or mixed:
+        add_problems_section(path, problems, mixed)
     have = [t.name for t in tables if t.has_results]
     missing = [t.name for t in tables if not t.has_results]
     err_console.print(f"wrote {path} ({len(have)} studies with results" + (f"; missing: {', '.join(missing)}" if missing else "") + ")")
     print(path)
+
+
+def add_problems_section(report_md: Path, problems: list, notes: list[str]) -> None:
+    """Put the unreadable/stale files (and --allow-mixed's warnings) into REPORT.md, before its
+    first section, so a reader sees them before any table."""
+    from sasa_bench.store import atomic_write_text
+
+    section = ["## Unreadable or stale result files, and warnings", ""]
+    section += [f"- {n}" for n in notes]
+    section += [f"- `{p.path}`: {p.reason}" for p in problems]
+    text = report_md.read_text()
+    at = text.find("\n## ")
+    at = len(text) if at < 0 else at + 1
+    atomic_write_text(report_md, text[:at] + "\n".join(section) + "\n\n" + text[at:])
