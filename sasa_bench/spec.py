@@ -275,6 +275,7 @@ def auto_name(spec: ModelSpec) -> str:
         base = f"retinanet_{base}{suffix}"
         ref_name = base if base in PRESETS else f"retinanet_{re.sub(r'resnet[0-9]+', 'resnet50', ref_name)}{suffix}"
     ref = PRESETS[ref_name].to_dict()
+    ref["depth"] = spec.depth  # a depth with no detector preset: named after the depth-50 one
     diffs = [
         f"{k}={_short(v)}"
         for k, v in spec.to_dict().items()

@@ -24,8 +24,10 @@ def _opt(help: str, panel: str = _T, *names: str):
 @model_options
 def train(
     model_opts: ModelOptions,
-    data: Annotated[str | None, _opt("imagenet | fashion-mnist | synthetic. (recipe: paper=imagenet, short=fashion-mnist)")] = None,
-    data_dir: Annotated[Path | None, _opt("Dataset root (imagenet: ROOT/train, ROOT/val; fashion-mnist: the IDX files).")] = None,
+    task: Annotated[str, _opt("classification | detection (a retinanet_* model on COCO-format data, Table 2).")] = "classification",
+    data: Annotated[str | None, _opt("imagenet | fashion-mnist | synthetic; detection: coco. (recipe: paper=imagenet, short=fashion-mnist)")] = None,
+    data_dir: Annotated[Path | None, _opt("Dataset root (imagenet: ROOT/train, ROOT/val; fashion-mnist: the IDX files; coco: ROOT/train2017, ROOT/val2017, ROOT/annotations).")] = None,
+    backbone_checkpoint: Annotated[Path | None, _opt("Detection: start the backbone from this classification checkpoint.")] = None,
     holdout: Annotated[bool | None, _opt("Evaluate on a 4% held-out split of ImageNet train (fixed), as Tables 3 and 5.", _T, "--holdout/--no-holdout")] = None,
     augment: Annotated[bool | None, _opt("Training augmentation (random crop + flip). (recipe: paper=on, short=off)", _T, "--augment/--no-augment")] = None,
     recipe: Annotated[str, _opt("paper (the appendix, ImageNet) | short (minutes on CPU, Fashion-MNIST).")] = "paper",
@@ -75,19 +77,33 @@ def train(
         "channels_last": channels_last, "compile": compile, "workers": workers, "threads": threads, "seed": seed,
         "deterministic": deterministic, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
     }
-    cfg = resolve_config(recipe, config, overrides)
+    from sasa_bench.errors import SasaError
+
+    if task not in ("classification", "detection"):
+        raise SasaError(f"unknown task {task!r} (choose from classification, detection)")
+    detection = task == "detection"
+    if detection:
+        from sasa_bench.train.detection import DETECTION_RECIPES, run_detection_training
+    elif backbone_checkpoint is not None:
+        raise SasaError("--backbone-checkpoint is for --task detection")
+    cfg = resolve_config(recipe, config, overrides, DETECTION_RECIPES if detection else None)
     models = model_opts.models
     if len(models) > 1:
-        from sasa_bench.errors import SasaError
-
         raise SasaError("train takes one --model")
-    spec = spec_for(cfg, models[0] if models else None, model_opts.overrides())
+    spec = spec_for(cfg, models[0] if models else ("retinanet_resnet50" if detection else None), model_opts.overrides())
+    if detection != (spec.detector != "none"):
+        raise SasaError(f"{spec.name} is {'not ' if detection else ''}a detector: "
+                        + ("use a retinanet_* model" if detection else "add --task detection"))
     env = D.setup()  # under torchrun: join the group now, so every rank agrees on the run directory
     try:
         if out is None:
             out = Path("runs") / f"{safe_name(spec.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
             out = Path(D.broadcast_object(str(out), env))
-        summary = run_training(spec, cfg, out, progress=not quiet, resume=resume, resume_override=resume_override)
+        if detection:
+            summary = run_detection_training(spec, cfg, out, progress=not quiet, resume=resume,
+                                             backbone_checkpoint=backbone_checkpoint, resume_override=resume_override)
+        else:
+            summary = run_training(spec, cfg, out, progress=not quiet, resume=resume, resume_override=resume_override)
         if env.is_main:
             sys.stdout.write(json_text(summary))
     finally:

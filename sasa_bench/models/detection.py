@@ -26,6 +26,7 @@ The reading that reproduces Table 2 (arithmetic in the README, "Object detection
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -100,7 +101,7 @@ def _act(spec: ModelSpec, layer: nn.Module) -> nn.Sequential:
     parts = [layer]
     if spec.head_norm == "gn":
         parts.append(nn.GroupNorm(32, FPN_WIDTH))
-    return nn.Sequential(*parts, nn.ReLU(inplace=True))
+    return nn.Sequential(*parts, nn.ReLU())  # not in place: attention backends keep their output for backward
 
 
 def _pointwise(in_ch: int, out_ch: int, bias: float = 0.0) -> nn.Conv2d:
@@ -110,11 +111,11 @@ def _pointwise(in_ch: int, out_ch: int, bias: float = 0.0) -> nn.Conv2d:
     return conv
 
 
-def _predictor(spec: ModelSpec, old: nn.Conv2d) -> nn.Sequential:
+def _predictor(spec: ModelSpec, old: nn.Conv2d, bias: float) -> nn.Sequential:
     """The head's last 3x3 conv, per ``head_predictor`` (see the module docstring)."""
     out_ch = old.out_channels
     if spec.head_predictor == "attention":
-        return nn.Sequential(attention(spec, FPN_WIDTH), _pointwise(FPN_WIDTH, out_ch, old.bias.detach()[0].item()))
+        return nn.Sequential(attention(spec, FPN_WIDTH), _pointwise(FPN_WIDTH, out_ch, bias))
     return nn.Sequential(_pointwise(FPN_WIDTH, FPN_WIDTH), old)
 
 
@@ -127,8 +128,8 @@ def make_head(spec: ModelSpec) -> RetinaNetHead:
     cls, reg = head.classification_head, head.regression_head
     for h in (cls, reg):
         h.conv = nn.Sequential(*[_act(spec, attention(spec, FPN_WIDTH)) for _ in range(len(h.conv))])
-    cls.cls_logits = _predictor(spec, cls.cls_logits)
-    reg.bbox_reg = _predictor(spec, reg.bbox_reg)
+    cls.cls_logits = _predictor(spec, cls.cls_logits, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))  # RetinaNet's prior
+    reg.bbox_reg = _predictor(spec, reg.bbox_reg, 0.0)
     for m in head.modules():
         if isinstance(m, LocalSelfAttention2d):
             nn.init.normal_(m.value.weight, std=HEAD_INIT_STD)

@@ -31,7 +31,7 @@ from sasa_bench.models import build_model
 from sasa_bench.models.resnet import zero_init_residual
 from sasa_bench.progress import LogFn, ProgressFn, TrainProgress
 from sasa_bench.spec import ModelSpec
-from sasa_bench.store import atomic_write_json, atomic_write_text, clean_stale_temps
+from sasa_bench.store import atomic_write_json, atomic_write_text, check_folder, clean_stale_temps
 from sasa_bench.train import checkpoint as ckpt
 from sasa_bench.train import distributed as D
 from sasa_bench.train.data import DataConfig, TrainData, eval_shard, load_data, steps_per_epoch, train_steps
@@ -186,13 +186,13 @@ def _set_determinism(cfg: TrainConfig) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_metrics(path: Path, rows: list[dict[str, Any]], columns: list[str] = METRIC_COLUMNS) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else (round(r[k], 6) if isinstance(r[k], float) else r[k]))
-                    for k in METRIC_COLUMNS})
+                    for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -264,8 +264,7 @@ def run_training(
 def check_out_dir(out_dir: Path, resume: str | Path | None, overwrite: bool) -> None:
     """Before any work: ``out_dir`` can be a run directory, and a fresh run does not silently
     replace a run that is already there. Temp files a killed writer left there are removed."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SasaError(f"--out {out_dir} is a file, not a folder")
+    check_folder(out_dir, "--out")
     if resume is None and not overwrite:
         held = [n for n in (ckpt.NAME, "summary.json") if (out_dir / n).exists()]
         if held:
@@ -287,6 +286,45 @@ def _apply_new_settings(opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig
         g["momentum"], g["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
         if i == 0:
             g["weight_decay"] = cfg.weight_decay
+
+
+# (model, optimizer, scheduler, grad scaler, EMA or None): what a checkpoint saves besides the position.
+Trainables = tuple[nn.Module, torch.optim.Optimizer, Any, Any, "EMA | None"]
+
+
+def restore_states(state: dict[str, Any], src: Path, changes: dict, cfg: TrainConfig, objs: Trainables,
+                   lr_lambda: WarmupCosine) -> EMA | None:
+    """Load a checkpoint into the run's objects (one SasaError line if it does not fit); returns
+    the EMA (new when the override switched EMA on). Shared by the classification and detection loops."""
+    model, opt, sched, scaler, ema = objs
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if "precision" not in changes:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            elif changes:  # EMA switched on by the override: it starts from the loaded weights
+                ema = EMA(model, cfg.ema_decay)
+            else:
+                raise SasaError(f"checkpoint {src} has no EMA weights but EMA is on")
+        if changes:
+            _apply_new_settings(opt, sched, cfg, lr_lambda)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SasaError(f"incompatible checkpoint {src}: {str(e).splitlines()[0][:200]}") from None
+    return ema
+
+
+def checkpoint_payload(objs: Trainables, position: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What :func:`ckpt.save` writes: every state of ``objs``, the loop position, and ``extra``."""
+    model, opt, sched, scaler, ema = objs
+    return {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+        "position": position, **extra,
+    }
 
 
 def _run(
@@ -354,23 +392,8 @@ def _run(
         state = ckpt.load(src)
         changes = ckpt.check_compatible(state, spec.to_dict(), cfg_dict, src, RESUME_NEUTRAL, resume_override)
         history = list(state.get("config_history", []))
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if "precision" not in changes:
-                scaler.load_state_dict(state["scaler"])
-            if ema is not None:
-                if state.get("ema") is not None:
-                    ema.load_state_dict(state["ema"])
-                elif changes:  # EMA switched on by the override: it starts from the loaded weights
-                    ema = EMA(model, cfg.ema_decay)
-                else:
-                    raise SasaError(f"checkpoint {src} has no EMA weights but EMA is on")
-            if changes:
-                _apply_new_settings(opt, sched, cfg, WarmupCosine(warmup_steps, total_steps, cfg.schedule))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise SasaError(f"incompatible checkpoint {src}: {str(e).splitlines()[0][:200]}") from None
+        ema = restore_states(state, src, changes, cfg, (model, opt, sched, scaler, ema),
+                             WarmupCosine(warmup_steps, total_steps, cfg.schedule))
         pos = state["position"]
         global_step, epoch, step_in_epoch = pos["global_step"], pos["epoch"], pos["step_in_epoch"]
         loss_sum, loss_n, epoch_time = pos["loss_sum"], pos["loss_n"], pos["epoch_time"]
@@ -399,14 +422,13 @@ def _run(
             return
         if sie >= spe:
             ep, sie = ep + 1, 0
-        ckpt.save(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "position": {"global_step": global_step, "epoch": ep, "step_in_epoch": sie,
-                         "loss_sum": loss_sum, "loss_n": loss_n, "epoch_time": epoch_time},
-            "metrics": rows, "best_top1": best_top1, "wall_s": prior_wall + time.perf_counter() - t_start,
-            "spec": spec.to_dict(), "config": cfg_dict, "config_history": history,
-        })
+        ckpt.save(ckpt_path, checkpoint_payload(
+            (model, opt, sched, scaler, ema),
+            {"global_step": global_step, "epoch": ep, "step_in_epoch": sie,
+             "loss_sum": loss_sum, "loss_n": loss_n, "epoch_time": epoch_time},
+            metrics=rows, best_top1=best_top1, wall_s=prior_wall + time.perf_counter() - t_start,
+            spec=spec.to_dict(), config=cfg_dict, config_history=history,
+        ))
 
     eval_model = ema.module if ema is not None else model
     eval_bs = cfg.eval_batch_size or max(1, local_bs)

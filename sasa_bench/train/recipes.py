@@ -219,11 +219,16 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
         raise SasaError(f"unknown training setting(s) in {where}: {', '.join(sorted(unknown))}")
 
 
-def resolve_config(recipe: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """recipe -> config file -> overrides (``None`` values in overrides mean "not given")."""
-    if recipe not in RECIPES:
-        raise SasaError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
-    values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe]}
+def resolve_config(
+    recipe: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None,
+    recipes: dict[str, dict[str, Any]] | None = None,
+) -> TrainConfig:
+    """recipe -> config file -> overrides (``None`` values in overrides mean "not given").
+    ``recipes``: another task's named recipes (detection's) instead of :data:`RECIPES`."""
+    recipes = RECIPES if recipes is None else recipes
+    if recipe not in recipes:
+        raise SasaError(f"unknown recipe {recipe!r} (choose from {', '.join(recipes)})")
+    values: dict[str, Any] = {"recipe": recipe, **recipes[recipe]}
     values["model"] = dict(values.get("model", {}))
     layers = []
     if config_file is not None:
