@@ -452,3 +452,16 @@ def test_compiled_model_matches_eager(preset: str) -> None:
     """torch.compile(fullgraph=True) on small versions of the presets (depth 26, width 1/4,
     32x32): forward, every parameter gradient, and the inference path."""
     _compile_matches_eager(preset)
+
+
+def test_inference_weight_cache_follows_weight_changes() -> None:
+    """Without autograd the stacked q/k/v weight is cached; an in-place change (an optimizer
+    step, load_state_dict) must invalidate it."""
+    layer = make_layer(4, 8, kernel_size=3, heads=2)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.key.weight.mul_(3.0)
+        y1 = layer(x)
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, layer(x).detach())  # the autograd path (no cache) agrees
