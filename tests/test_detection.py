@@ -289,3 +289,13 @@ def test_cli_flops_of_a_detector(capsys) -> None:
 def test_cli_train_detection_bad_arguments(capsys, tmp_path, args, says) -> None:
     code, _, err = _cli(capsys, "train", *args, "--out", str(tmp_path / "run"), "-q")
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_latency_times_a_detector_in_both_modes() -> None:
+    from sasa_bench.measure.latency import LatencyOptions, measure_latency
+
+    spec = make_spec(ATTN, depth=26, width=0.25, image_size=128, kernel_size=3)
+    for mode in ("inference", "train"):
+        row = measure_latency([spec], LatencyOptions(mode=mode, batch_size=2, warmup=1, iters=1))[0]
+        assert row["median_ms"] > 0 and row["image_size"] == 128 and row["mode"] == mode

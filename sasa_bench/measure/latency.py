@@ -140,6 +140,15 @@ def is_oom(e: BaseException) -> bool:
 _COUNTS: dict[ModelSpec, FlopCount] = {}
 
 
+def synthetic_targets(n: int, size: int, num_classes: int, gen: torch.Generator, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Three random boxes (1/8 to 1/2 of the side) with random labels per image, for train steps."""
+    wh = size * (0.125 + 0.375 * torch.rand(n, 3, 2, generator=gen))
+    xy = (size - wh) * torch.rand(n, 3, 2, generator=gen)
+    boxes = torch.cat([xy, xy + wh], dim=-1)
+    labels = torch.randint(0, num_classes, (n, 3), generator=gen)
+    return [{"boxes": b.to(device), "labels": lab.to(device)} for b, lab in zip(boxes, labels, strict=True)]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -171,6 +180,9 @@ class Workload:
         x = torch.randn(batch_size, 3, s, s, generator=gen)
         self.x = x.to(device=device, memory_format=memory_format)
         self.y = torch.randint(0, spec.num_classes, (batch_size,), generator=gen).to(device)
+        if spec.detector != "none":  # a detector steps on a list of images (+ synthetic boxes in train)
+            self.x = list(x.sigmoid().to(device).unbind(0))  # images in [0, 1], as the detector expects
+            self.y = synthetic_targets(batch_size, s, spec.num_classes, gen, device)
         self.fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(self.model) if opts.compile else self.model
         self.dtype = PRECISIONS[opts.precision]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=TRAIN_LR, momentum=0.9) if self.train else None
@@ -191,7 +203,10 @@ class Workload:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = F.cross_entropy(self.fn(self.x).float(), self.y)
+            if isinstance(self.x, list):  # detector: torchvision RetinaNet's focal + box losses
+                loss = sum(v.float() for v in self.fn(self.x, self.y).values())
+            else:
+                loss = F.cross_entropy(self.fn(self.x).float(), self.y)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
