@@ -100,6 +100,14 @@ def test_report_tables_figures_and_csv(results: Path, tmp_path: Path) -> None:
     assert k3["paper_top1"] == 76.4 and "d_top1" not in k3  # never compared with ImageNet
     md = markdown(se)
     assert "90.80 ± 0.71 (n=2)" in md and "| 76.4 |" in md and "1.30×" in md and "7.03" in md
+    # the study's base is k = 7; its k = 3 -> 90.8 vs 91.2, seeds 1 point apart: within noise
+    assert se.base_variant == "k7" and k3["diff"]["short_fashion_mnist"].verdict == "within noise"
+    assert "ours − k = 7  (7×7) [95% interval]" in md and "| base |" in md
+    # the paper's numbers beside ours for every column it prints, with its own difference to k = 7
+    assert k3["paper_gflops"] == 6.6 and k3["paper_params_m"] == 18.0 and k3["paper_d_base"] == pytest.approx(-1.0)
+    section = text.split("## Spatial extent", 1)[1].split("\n## ", 1)[0]
+    assert "Agreement with the paper: Kendall's τ = " in section
+    assert "Student's t" in section and "Welch" in section
     # main: deltas against Table 1 at 224x224
     mt = next(t for t in tables if t.name == "main")
     assert all(r["d_gflops"] == pytest.approx(-0.2) for r in mt.rows)
@@ -116,6 +124,8 @@ def test_report_tables_figures_and_csv(results: Path, tmp_path: Path) -> None:
     expected = {
         "main_pareto.png", "main_latency.png", "spatial-extent_sweep.png", "width_pareto.png",
         "stages_bars.png", "stem_bars.png",
+        # a panel of the differences against the base, for each study with seeds on both sides
+        "spatial-extent_deltas.png",
     }
     assert {p.name for p in (out / "figures").glob("*.png")} == expected
     for name in expected:
@@ -161,3 +171,29 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path) -> None:  # noqa: 
     plain.write_text("{}")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_results_frame_has_one_flat_row_per_file(results: Path) -> None:
+    import sasa_bench.results as R
+
+    df = R.load(results)
+    files = sorted(str(p) for p in results.glob("*/*.json"))
+    assert sorted(df["path"]) == files
+    for col in ("study", "variant", "seed", "train", "model", "family", "spec.kernel_size", "flops.gflops",
+                "latency.time_ratio", "training.top1", "top1", "recipe", "dataset", "env.cpu"):
+        assert col in df.columns, col
+    assert set(df["family"].dropna()) <= set(R.FAMILIES)
+    # the frame answers the table's question directly
+    k3 = df[(df["study"] == "spatial-extent") & (df["variant"] == "k3")]
+    assert k3["top1"].mean() == pytest.approx(90.8)
+
+
+def test_unreadable_results_are_listed_not_dropped(results: Path, tmp_path: Path) -> None:
+    bad = results / "spatial-extent" / "k3__short__seed1.json"
+    bad.write_text(bad.read_text()[:50])
+    (results / "spatial-extent" / "k5__short__seed1.json").write_text("")
+    import sasa_bench.results as R
+
+    df, problems = R.load_with_problems(results)
+    assert {p.path.name for p in problems} >= {"k3__short__seed1.json", "k5__short__seed1.json"}
+    assert str(bad) not in set(df["path"])

@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from sasa_bench.cli.options import ModelOptions, model_options
-from sasa_bench.cli.output import check_format, emit, err_console
+from sasa_bench.cli.output import check_format, emit, err_console, step_progress
 from sasa_bench.errors import SasaError
 from sasa_bench.measure.flops import count_flops, count_params
 from sasa_bench.models import build_model
@@ -56,10 +56,11 @@ def flops(
         raise SasaError(f"--table must be 1 or 2, got {table}")
     specs = model_opts.specs((TABLE1_MODELS if table == 1 else TABLE2_MODELS) if paper else None)
     rows = []
-    with err_console.status("counting FLOPs…") as status:
-        for spec in specs:
-            status.update(f"counting FLOPs of {spec.name}…")
+    with step_progress("counting FLOPs…") as progress:
+        for i, spec in enumerate(specs):
+            progress(f"counting FLOPs of {spec.name}", i, len(specs))
             rows.append(flops_row(spec, paper))
+        progress("counted", len(specs), len(specs))
     cols = ["model", "params_m", "gmacs", "gflops"]
     if any(s.detector != "none" for s in specs):
         cols.append("image_size")

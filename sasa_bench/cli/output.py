@@ -15,11 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from sasa_bench.errors import SasaError
+from sasa_bench.progress import err_console  # noqa: F401 - the one stderr console, re-exported
 
 FORMATS = ("table", "json", "csv")
 
-# stderr console for logs and progress, so stdout carries only data.
-err_console = Console(stderr=True)
 
 
 @contextmanager
@@ -28,6 +27,13 @@ def step_progress(first: str) -> Iterator[Callable[[str, int, int], None]]:
     that the measurement APIs (latency, bench-layer) report through."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from sasa_bench.progress import PlainProgress
+
+    if not err_console.is_terminal:  # piped or logged: plain lines, at least every QUIET_S seconds
+        plain = PlainProgress()
+        plain(first, 0, 0)
+        yield plain
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(first, total=None)

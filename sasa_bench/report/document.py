@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sasa_bench.report import stats
 from sasa_bench.report.figures import make_figures
 from sasa_bench.report.tables import DATASET_NAMES, StudyTable, build_tables, markdown, to_csv
 from sasa_bench.store import atomic_write_text
@@ -15,7 +16,8 @@ from sasa_bench.store import atomic_write_text
 def write_report(results_dir: Path, out_dir: Path, studies_dir: Path | None = None) -> tuple[Path, list[StudyTable]]:
     """Write ``out_dir/REPORT.md``, ``out_dir/tables/<study>.csv`` and ``out_dir/figures/*.png``."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    tables = build_tables(results_dir, studies_dir)
+    # files listed as problems (unreadable, stale against the study file) stay out of the tables
+    tables = build_tables(results_dir, studies_dir, exclude={str(p.path) for p in problems or []})
     lines = [
         "# sasa-bench report: Stand-Alone Self-Attention (Ramachandran et al. 2019), regenerated",
         "",
@@ -43,7 +45,9 @@ def _recipe_text(cfg: dict[str, Any], spec: dict[str, Any]) -> str:
     ds = DATASET_NAMES.get(cfg.get("data"), cfg.get("data"))
     parts = [
         f"{ds}",
-        f"{cfg.get('epochs')} epochs" + (f" (max {cfg['max_steps']} steps)" if cfg.get("max_steps") else ""),
+        f"{cfg.get('epochs')} epochs" + (f" (max {cfg['max_steps']} steps)" if cfg.get("max_steps") else "")
+        + (f" over a fixed {cfg['train_images']}-image subset" if cfg.get("train_images") else ""),
+        *([f"eval on a fixed {cfg['eval_images']}-image subset"] if cfg.get("eval_images") else []),
         f"batch {cfg.get('batch_size')}",
         f"lr {cfg.get('lr') if cfg.get('lr') is not None else cfg.get('lr_base')}",
         f"{cfg.get('precision')}",
@@ -123,7 +127,13 @@ def section(t: StudyTable, csv_rel: Path, figs: list[Path]) -> list[str]:
     done = [r for r in t.rows if r["n_files"]]
     if len(done) < len(t.rows):
         lines.append(f"Variants without results: {', '.join(r['variant'] for r in t.rows if not r['n_files'])}.")
-    lines += ["", markdown(t), ""]
+    lines += [""] + study_provenance(t) + ["", markdown(t), ""]
+    if any(r["acc"] for r in t.rows):
+        lines += [f"*Statistics.* {stats.METHOD}", ""]
+    agreement = t.agreement() if s is not None and s.paper_ref and s.paper_ref != "—" else None
+    if agreement is not None:
+        labels = {r["variant"]: r["label"] for r in t.rows}
+        lines += [agreement.sentence(labels), ""]
     notes = [f"- {r['label']}: {r['note']}" for r in t.rows if r.get("note")]
     if notes:
         lines += ["Notes:", "", *notes, ""]
@@ -131,4 +141,42 @@ def section(t: StudyTable, csv_rel: Path, figs: list[Path]) -> list[str]:
     lines.append("")
     for f in figs:
         lines += [f"![{t.name}: {f.stem}]({f})", ""]
+    return lines
+
+
+def _hosts(recs: list[dict[str, Any]]) -> str:
+    seen = []
+    for r in recs:
+        e = r.get("env") or {}
+        h = f"{e.get('cpu') or '?'} ({e.get('cpu_isa') or 'ISA not recorded'})" + (f", GPU {e['gpu']}" if e.get("gpu") else "")
+        h += f", torch {e.get('torch') or '?'}"
+        if h not in seen:
+            seen.append(h)
+    return "; ".join(seen) or "?"
+
+
+def study_provenance(t: StudyTable) -> list[str]:
+    """Where this study's numbers come from: host (CPU, ISA, threads), torch, recipe, precision."""
+    lines = []
+    lat = [r for r in t.records if r.get("latency")]
+    if lat:
+        l0 = lat[0]["latency"]
+        threads = sorted({str(r["latency"].get("threads")) for r in lat})
+        precisions = sorted({str(r["latency"].get("precision", "fp32")) for r in lat})
+        lines.append(
+            f"- Latency: {_hosts(lat)}; {'/'.join(threads)} thread(s), batch {l0.get('batch_size')}, "
+            f"{'/'.join(precisions)} {l0.get('mode', 'inference')}, backend {l0.get('backend') or '?'}."
+        )
+    tr = [r for r in t.records if r.get("training")]
+    if tr:
+        t0 = tr[0]["training"]
+        precisions = sorted({str(r["training"].get("precision") or (r["training"].get("config") or {}).get("precision")) for r in tr})
+        threads = sorted({str(r["training"].get("threads")) for r in tr})
+        walls = [r["training"].get("wall_s") for r in tr if r["training"].get("wall_s")]
+        wall = f", {min(walls):.0f}–{max(walls):.0f} s per run" if walls else ""
+        lines.append(
+            f"- Training: recipe `{t0.get('recipe')}` on {DATASET_NAMES.get(t0.get('dataset'), t0.get('dataset'))}, "
+            f"precision {'/'.join(precisions)}, {'/'.join(threads)} thread(s){wall}; {_hosts(tr)}; "
+            f"{len(tr)} runs, seeds {', '.join(map(str, sorted({r.get('seed') for r in tr})))}."
+        )
     return lines

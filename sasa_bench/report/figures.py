@@ -20,17 +20,56 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sasa_bench.report.tables import StudyTable  # noqa: E402
 
-COLORS = {"conv": "tab:blue", "attention": "tab:orange", None: "tab:gray"}
-# Lines in the Figure 5 view join models of one kind: conv, attention with a conv stem, full attention.
+# One colour and marker per model family in every figure (sasa_bench.results.FAMILIES).
 SERIES = {"conv": ("convolution", "tab:blue", "o"), "convstem": ("self-attention, conv stem", "tab:orange", "s"),
           "full": ("full attention (attention stem)", "tab:red", "^")}
+COLORS = {k: c for k, (_, c, _) in SERIES.items()} | {None: "tab:gray"}
+VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "within noise": "tab:gray", "n too small": "tab:gray"}
 
 
 def series(row: dict[str, Any]) -> str:
-    spec = row.get("spec") or {}
-    if row.get("family") == "conv":
-        return "conv"
-    return "convstem" if spec.get("stem", "conv") == "conv" else "full"
+    return row.get("family") or "convstem"
+
+
+def _err(a: Any) -> float:
+    """Error bar of an accuracy: the half-width of its 95% t-interval (0 for one seed)."""
+    hw = a.summary.half_width
+    return 0.0 if hw is None else hw
+
+
+def place_labels(ax: Any, pts: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+    """Annotate points without overlapping labels: start each label up-right of its point, push
+    colliding labels apart (in pixels, a few passes) and draw a leader line to any label that
+    moved away from its point."""
+    if not pts:
+        return
+    fig = ax.figure
+    fig.canvas.draw()
+    to_px = ax.transData.transform
+    char_w, h = fontsize * 0.6, fontsize * 1.5
+    boxes = []
+    for x, y, text in pts:
+        px, py = to_px((x, y))
+        boxes.append([px + 4, py + 4, char_w * len(text), h])
+    for _ in range(60):
+        moved = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]:
+                    push = (min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])) / 2 + 1
+                    lo, hi = (a, b) if a[1] <= b[1] else (b, a)
+                    lo[1] -= push
+                    hi[1] += push
+                    moved = True
+        if not moved:
+            break
+    for (x, y, text), (bx, by, _, _) in zip(pts, boxes, strict=True):
+        px, py = to_px((x, y))
+        dx, dy = bx - px, by - py
+        far = abs(dy - 4) > h
+        ax.annotate(text, (x, y), xytext=(dx * 72 / fig.dpi, dy * 72 / fig.dpi), textcoords="offset points",
+                    fontsize=fontsize, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5} if far else None)
 PAPER_COLOR = "tab:green"
 DPI = 110
 
@@ -47,7 +86,41 @@ def make_figures(t: StudyTable, out_dir: Path) -> list[Path]:
         path = fn(t, out_dir / f"{t.name}_{kind}.png")
         if path is not None:
             files.append(path)
+    path = deltas(t, out_dir / f"{t.name}_deltas.png")
+    if path is not None:
+        files.append(path)
     return files
+
+
+def deltas(t: StudyTable, path: Path) -> Path | None:
+    """Each variant's accuracy minus the base variant's, with its Welch 95% interval, coloured
+    by verdict; the paper's own difference beside it (its scale is ImageNet points)."""
+    s = t.main_source
+    if s is None:
+        return None
+    rows = [r for r in t.rows if s.key in r["diff"]]
+    if not any(r["diff"][s.key].low is not None for r in rows):
+        return None  # one seed somewhere: no interval to draw
+    base = next((r["label"] for r in t.rows if r.get("is_base")), t.base_variant)
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(rows) + 1.8))
+    ys = list(range(len(rows)))
+    for y, r in zip(ys, rows, strict=True):
+        d = r["diff"][s.key]
+        lo = d.delta - d.low if d.low is not None else 0.0
+        hi = d.high - d.delta if d.high is not None else 0.0
+        ax.errorbar([d.delta], [y], xerr=[[lo], [hi]], fmt=SERIES.get(series(r), SERIES["convstem"])[2],
+                    color=VERDICT_COLORS[d.verdict], capsize=4, ms=7)
+        ax.text(d.high if d.high is not None else d.delta, y, f"  {d.verdict}", va="center", fontsize=7)
+        if r.get("paper_d_base") is not None:
+            ax.plot([r["paper_d_base"]], [y + 0.25], "D", color=PAPER_COLOR, ms=5)
+    ax.axvline(0.0, color="0.3", lw=0.8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"top-1 difference vs {base} (points): ours (95% Welch interval), paper ◆")
+    ax.set_title(f"{t.title}\nours: {s.label}; paper: {_metric(t)}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -77,7 +150,7 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
         for r in rows:
             a = r["acc"].get(s.key)
             if a is not None:
-                pts.append((r, a.mean, a.gflops if a.gflops is not None else r["gflops"], a.params_m if a.params_m is not None else r["params_m"], a.std))
+                pts.append((r, a.mean, a.gflops if a.gflops is not None else r["gflops"], a.params_m if a.params_m is not None else r["params_m"], _err(a)))
         if pts:
             a0 = next(r["acc"][s.key] for r in rows if s.key in r["acc"])
             size = f", {a0.image_size}×{a0.image_size}, width ×{a0.width:g}" if a0.image_size and a0.width else ""
@@ -91,6 +164,7 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
         panels.append((f"paper: {_metric(t)} (printed GFLOPS/params)", ppts))
     nrows = len(panels) + 1
     fig, axes = plt.subplots(nrows, 2, figsize=(11, 3.8 * nrows), squeeze=False)
+    labels: list[tuple[Any, list[tuple[float, float, str]]]] = []
     for i, (title, pts) in enumerate(panels):
         for j, (xi, xlabel) in enumerate(((2, "GFLOPS per image (2 × multiply-adds)"), (3, "parameters (M)"))):
             ax = axes[i][j]
@@ -101,8 +175,7 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
                     continue
                 ax.errorbar([p[xi] for p in sel], [p[1] for p in sel], yerr=[p[4] for p in sel],
                             fmt="-" + marker, color=color, capsize=3, label=name)
-                for p in sel:
-                    ax.annotate(p[0]["label"], (p[xi], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            labels.append((ax, [(p[xi], p[1], p[0]["label"]) for p in pts if p[xi] is not None]))
             ax.set_xlabel(xlabel)
             ax.set_ylabel("top-1 accuracy (%)")
             ax.set_title(title, fontsize=9)
@@ -113,9 +186,7 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
         sel = [r for r in rows if series(r) == key and r.get("gflops") is not None]
         if sel:
             ax.scatter([r["gflops"] for r in sel], [r["params_m"] for r in sel], color=color, marker=marker, label=name)
-            for i, r in enumerate(sel):
-                ax.annotate(r["label"], (r["gflops"], r["params_m"]), fontsize=6,
-                            xytext=(3, 3 if (i + len(key)) % 2 else -9), textcoords="offset points")
+    labels.append((ax, [(r["gflops"], r["params_m"], r["label"]) for r in rows if r.get("gflops") is not None]))
     ax.set_xlabel(f"GFLOPS per image, ours ({_size_note(t)})")
     ax.set_ylabel("parameters (M), ours")
     ax.set_title("cost: parameters vs compute (ours)", fontsize=9)
@@ -124,6 +195,9 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
         ax.legend(fontsize=8)
     axes[-1][1].axis("off")
     fig.suptitle(f"{t.title} — accuracy vs compute and parameters (conv vs attention)", fontsize=11)
+    fig.tight_layout()
+    for ax, pts in labels:
+        place_labels(ax, pts)
     return _save(fig, path)
 
 
@@ -171,8 +245,9 @@ def sweep(t: StudyTable, path: Path) -> Path | None:
         else:
             s = next(s for s in t.sources if s.key == p)
             sel = [(x, r["acc"][p]) for x, r in zip(xs, rows, strict=True) if p in r["acc"]]
-            ax.errorbar([x for x, _ in sel], [a.mean for _, a in sel], yerr=[a.std for _, a in sel], fmt="-o", color="tab:orange", capsize=3)
-            ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
+            ax.errorbar([x for x, _ in sel], [a.mean for _, a in sel], yerr=[_err(a) for _, a in sel], fmt="-o",
+                        color=COLORS[series(rows[0])], capsize=3)
+            ax.set_ylabel("top-1 accuracy (%), mean and 95% interval")
             ax.set_title(f"ours: {s.label}", fontsize=9)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -196,7 +271,7 @@ def bars(t: StudyTable, path: Path) -> Path | None:
     for s in t.sources:
         accs = [r["acc"].get(s.key) for r in rows]
         if any(accs):
-            panels.append(("top-1 (%), mean ± std", [a.mean if a else None for a in accs], [a.std if a else 0.0 for a in accs], f"ours: {s.label}"))
+            panels.append(("top-1 (%), mean, 95% interval", [a.mean if a else None for a in accs], [_err(a) if a else 0.0 for a in accs], f"ours: {s.label}"))
     if any(r.get("paper_top1") is not None for r in rows):
         panels.append(("top-1 (%)", [r.get("paper_top1") for r in rows], None, f"paper: {_metric(t)}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 2.0, 0.45 * len(rows) + 2.2), squeeze=False, sharey=True)
@@ -220,8 +295,9 @@ def bars(t: StudyTable, path: Path) -> Path | None:
     axes[0][0].set_yticks(ys)
     axes[0][0].set_yticklabels(labels, fontsize=8)
     axes[0][0].invert_yaxis()
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in ("conv", "attention")] + [plt.Rectangle((0, 0), 1, 1, color=PAPER_COLOR)]
-    fig.legend(handles, ["ours: convolution", "ours: self-attention", "paper"], loc="lower center", ncol=3, fontsize=8)
+    fams = [f for f in SERIES if any(r.get("family") == f for r in rows)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in fams] + [plt.Rectangle((0, 0), 1, 1, color=PAPER_COLOR)]
+    fig.legend(handles, [f"ours: {SERIES[f][0]}" for f in fams] + ["paper"], loc="lower center", ncol=len(fams) + 1, fontsize=8)
     fig.suptitle(t.title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=DPI)
@@ -255,7 +331,8 @@ def latency(t: StudyTable, path: Path) -> Path | None:
     ax.set_ylabel("time ÷ baseline's (median of pairs)")
     ax.set_title("latency relative to each model's baseline", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in ("conv", "attention")]
-    axes[0].legend(handles, ["convolution", "self-attention"], loc="upper left", fontsize=8)
+    fams = [f for f in SERIES if any(r.get("family") == f for r in rows)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in fams]
+    axes[0].legend(handles, [SERIES[f][0] for f in fams], loc="upper left", fontsize=8)
     fig.suptitle(f"{t.title} — latency, conv vs attention", fontsize=11)
     return _save(fig, path)

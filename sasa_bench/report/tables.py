@@ -1,29 +1,37 @@
-"""Result files -> one table per study: ours beside the paper's numbers, with the deltas.
-
-Rows are aggregated per variant from ``<results>/<study>/*.json`` (written by the study runner):
+"""Result files -> one table per study: ours beside the paper's numbers, with deltas, intervals
+and verdicts. Built from :func:`sasa_bench.results.load` (one DataFrame row per result file).
 
 * params / GFLOPS / latency come from the variant's files at the largest input size measured
   (the paper's 224x224 when present); the paper deltas for GFLOPS and params are only given at
   224x224 with 1000 classes, where the two are comparable.
-* accuracy is grouped by *source* = (training recipe, dataset): mean ± std over seeds. A
-  Fashion-MNIST short-run accuracy is never compared with the paper's ImageNet number; the
-  top-1 delta is only computed for our ImageNet runs with the paper recipe.
+* accuracy is grouped by *source* = (training recipe, dataset): per variant the mean, std and a
+  95% t-interval over seeds, and against the study's base variant the difference with its Welch
+  95% interval and a verdict (:mod:`sasa_bench.report.stats`). A Fashion-MNIST short-run accuracy
+  is never compared with the paper's ImageNet value; what is compared is the *ordering* (the
+  paper's own difference against its base beside ours, and one ``Agreement with the paper:``
+  line per study). A top-1 delta against the paper is only computed for ImageNet runs with the
+  paper recipe.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sasa_bench.store import collect
+import pandas as pd
+
+from sasa_bench.report import stats
+from sasa_bench.results import family_of, load_with_problems
+from sasa_bench.spec import make_spec
+from sasa_bench.store import Problem
+from sasa_bench.studies.expand import expand
 from sasa_bench.studies.spec import Study, find_studies, load_study
 
 DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "imagenet": "ImageNet", "synthetic": "synthetic"}
+# Result folders that hold other kinds of results (commands' own files), not studies.
+OTHER_KINDS = ("latency", "bench-layer", "gpu-check")
 
 
 @dataclass(frozen=True)
@@ -49,20 +57,37 @@ class Source:
 
 @dataclass
 class Acc:
-    mean: float
-    std: float
-    n: int
+    """One variant's accuracy over seeds (one value per seed: the latest file of a seed wins)."""
+
+    summary: stats.Summary
+    values: list[float]
+    seeds: list[int]
     top5: float | None
     params_m: float | None  # of the trained model
     gflops: float | None
     image_size: int | None
     width: float | None
-    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return self.summary.mean
+
+    @property
+    def std(self) -> float:
+        return self.summary.std
+
+    @property
+    def n(self) -> int:
+        return self.summary.n
 
     def text(self) -> str:
         if self.n == 1:
             return f"{self.mean:.2f} (n=1)"
         return f"{self.mean:.2f} ± {self.std:.2f} (n={self.n})"
+
+    def interval_text(self) -> str:
+        s = self.summary
+        return "—" if s.low is None else f"[{s.low:.2f}, {s.high:.2f}]"
 
 
 @dataclass
@@ -72,6 +97,8 @@ class StudyTable:
     rows: list[dict[str, Any]]
     sources: list[Source]
     records: list[dict[str, Any]]
+    frame: pd.DataFrame = field(default_factory=pd.DataFrame)
+    base_variant: str | None = None
 
     @property
     def title(self) -> str:
@@ -81,155 +108,231 @@ class StudyTable:
     def has_results(self) -> bool:
         return bool(self.records)
 
+    @property
+    def main_source(self) -> Source | None:
+        """The accuracy source the verdicts and the agreement line use (ImageNet/paper first)."""
+        with_data = [s for s in self.sources if any(s.key in r["acc"] for r in self.rows)]
+        return next((s for s in with_data if s.comparable_to_paper), with_data[0] if with_data else None)
 
-def family(spec: dict[str, Any]) -> str:
-    """conv (no attention anywhere) or attention."""
-    return "attention" if spec.get("attention_groups") or spec.get("stem", "conv") != "conv" else "conv"
+    def agreement(self) -> stats.Agreement | None:
+        s = self.main_source
+        if s is None:
+            return None
+        ours = {r["variant"]: r["acc"][s.key].values for r in self.rows if s.key in r["acc"]}
+        paper = {r["variant"]: r["paper_top1"] for r in self.rows if r.get("paper_top1") is not None}
+        if not paper:
+            return None
+        return stats.agreement(ours, paper)
 
 
-def as_percent(x: float | None) -> float | None:
-    """Accuracies are stored as percentages (run_training's summary)."""
-    return None if x is None else float(x)
+def family(spec: dict[str, Any]) -> str | None:
+    """conv | convstem | full (see :func:`sasa_bench.results.family_of`)."""
+    return family_of(spec)
 
 
-def study_records(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Study result files grouped by study name (other result kinds are ignored)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for rec in collect(results_dir):
-        if "study" in rec and "variant" in rec:
-            out.setdefault(rec["study"], []).append(rec)
+@dataclass
+class Tables:
+    tables: list[StudyTable]
+    problems: list[Problem]
+
+
+def build_report_tables(
+    results_dir: Path, studies_dir: Path | None = None, exclude: set[str] | None = None
+) -> Tables:
+    """Every known study's table (in name order, empty when it has no results), then any study
+    that has results but no study file; and every result file that could not be used.
+    ``exclude``: paths of files judged stale elsewhere (``studies.check``), left out of the tables."""
+    df, problems = load_with_problems(Path(results_dir))
+    if exclude and len(df):
+        df = df[~df["path"].isin({str(p) for p in exclude})]
+    known = find_studies(studies_dir)
+    problems = [p for p in problems if p.path.parent.name not in OTHER_KINDS]
+    by_study: dict[str, pd.DataFrame] = {}
+    if len(df) and "study" in df:
+        studies = df[df["study"].notna() & df["variant"].notna()]
+        by_study = {str(name): g for name, g in studies.groupby("study", sort=True)}
+    tables = []
+    for name, path in known.items():
+        tables.append(study_table(load_study(path), by_study.get(name, df.iloc[0:0]), name))
+    for name in sorted(set(by_study) - set(known)):
+        tables.append(study_table(None, by_study[name], name))
+    return Tables(tables, problems)
+
+
+def build_tables(results_dir: Path, studies_dir: Path | None = None, exclude: set[str] | None = None) -> list[StudyTable]:
+    return build_report_tables(results_dir, studies_dir, exclude).tables
+
+
+def _records(g: pd.DataFrame) -> list[dict[str, Any]]:
+    """The frame's rows back as nested result records (for provenance and figures)."""
+    from sasa_bench.store import read_record
+
+    out = []
+    for path in g["path"]:
+        rec, _ = read_record(Path(path))
+        if rec is not None:
+            rec["_path"] = path
+            out.append(rec)
     return out
 
 
-def build_tables(results_dir: Path, studies_dir: Path | None = None) -> list[StudyTable]:
-    """One table per known study (in name order, empty when it has no results), then any study
-    that has results but no file in ablations/."""
-    by_study = study_records(Path(results_dir))
-    tables = []
-    known = find_studies(studies_dir)
-    for name, path in known.items():
-        tables.append(study_table(load_study(path), by_study.get(name, []), name))
-    for name in sorted(set(by_study) - set(known)):
-        tables.append(study_table(None, by_study[name], name))
-    return tables
+def base_variant(study: Study | None, variant_specs: dict[str, dict[str, Any]]) -> str | None:
+    """The variant that *is* the study's base model (k = 7, relative, ...), else the first."""
+    if study is None or not variant_specs:
+        return next(iter(variant_specs), None)
+    try:
+        base = make_spec(study.base_model, **study.base_set).to_dict()
+    except Exception:  # a study file that no longer builds still reports what it has
+        return next(iter(variant_specs))
+    return next((n for n, s in variant_specs.items() if s == base), next(iter(variant_specs)))
 
 
-def _measure_pick(recs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The record whose params/FLOPs/latency represent the variant: largest input, latest."""
-    if not recs:
+def _num(x: Any) -> float | None:
+    if x is None:
         return None
-    return max(recs, key=lambda r: (r.get("spec", {}).get("image_size", 0), r.get("latency") is not None, r.get("written_at", "")))
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
 
 
-def study_table(study: Study | None, records: list[dict[str, Any]], name: str) -> StudyTable:
+def study_table(study: Study | None, g: pd.DataFrame, name: str) -> StudyTable:
+    records = _records(g) if len(g) else []
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
     # Variant order: the study file's, then anything only found in results.
     order: list[tuple[str, str, dict[str, float], str]] = []
+    specs: dict[str, dict[str, Any]] = {}
     if study is not None:
-        order = [(v.name, v.label, dict(v.paper), v.note) for v in study.variants]
+        try:
+            expanded = {v.name: v for v in expand(study, {})}
+        except Exception:
+            expanded = {}
+        for v in study.variants:
+            order.append((v.name, v.label or v.name, dict(v.paper), v.note))
+            if v.name in expanded:
+                specs[v.name] = expanded[v.name].spec.to_dict()
     listed = {o[0] for o in order}
-    extra = sorted((n for n in by_variant if n not in listed), key=lambda n: (by_variant[n][0].get("index", 0), n))
-    for n in extra:
+    for n in sorted((n for n in by_variant if n not in listed), key=lambda n: (by_variant[n][0].get("index", 0), n)):
         r0 = by_variant[n][0]
         order.append((n, r0.get("label", n), dict(r0.get("paper") or {}), r0.get("note", "")))
+    for n, recs in by_variant.items():
+        specs.setdefault(n, recs[0].get("spec") or {})
+    base = base_variant(study, {n: specs[n] for n, *_ in order if n in specs})
 
-    sources: list[Source] = []
-    for r in records:
-        t = r.get("training")
-        if t:
-            s = Source(t.get("recipe", r.get("train", "?")), t.get("dataset") or "?")
-            if s not in sources:
-                sources.append(s)
+    trained = g[g["top1"].notna()] if len(g) and "top1" in g else g.iloc[0:0]
+    sources = [Source(str(r), str(d)) for (r, d), _ in trained.groupby(["recipe", "dataset"], sort=False)] if len(trained) else []
 
     rows = []
     for vname, label, paper, note in order:
         recs = by_variant.get(vname, [])
-        m = _measure_pick(recs)
-        lat_rec = max(
-            (r for r in recs if r.get("latency")),
-            key=lambda r: (r.get("spec", {}).get("image_size", 0), r.get("written_at", "")),
-            default=None,
-        )
-        spec = (m or {}).get("spec", {})
-        fl = (m or {}).get("flops") or {}
-        lat = (lat_rec or {}).get("latency") or {}
-        row: dict[str, Any] = {
-            "variant": vname,
-            "label": label,
-            "model": spec.get("name"),
-            "family": family(spec) if spec else None,
-            "image_size": spec.get("image_size"),
-            "num_classes": spec.get("num_classes"),
-            "params_m": fl.get("params_m"),
-            "gflops": fl.get("gflops"),
-            "latency_ms": lat.get("median_ms"),
-            "vs_model": lat.get("vs_model"),
-            "vs_latency_ms": lat.get("vs_median_ms"),
-            "time_ratio": lat.get("time_ratio"),
-            "latency_batch": lat.get("batch_size"),
-            "latency_image_size": (lat_rec or {}).get("spec", {}).get("image_size") if lat else None,
-            "latency_device": lat.get("device_name"),
-            "paper_top1": paper.get("top1"),
-            "paper_gflops": paper.get("gflops"),
-            "paper_params_m": paper.get("params_m"),
-            "note": note,
-            "n_files": len(recs),
-            "spec": spec,
-        }
-        if study is not None and study.vary and spec:
-            val = spec.get(study.vary)
-            row["vary"] = (",".join(map(str, val)) or "none") if isinstance(val, list) else val
-        paper_scale = row["image_size"] == 224 and row["num_classes"] == 1000
-        row["d_gflops"] = _delta(row["gflops"], row["paper_gflops"]) if paper_scale else None
-        row["d_params_m"] = _delta(row["params_m"], row["paper_params_m"]) if row["num_classes"] == 1000 else None
-        row["acc"] = {}
-        for s in sources:
-            acc = _accuracy([r for r in recs if r.get("training")], s)
-            if acc is not None:
-                row["acc"][s.key] = acc
-                row[f"top1_{s.key}"] = acc.mean
-                row[f"top1_std_{s.key}"] = acc.std
-                row[f"n_{s.key}"] = acc.n
-                if s.comparable_to_paper:
-                    row["d_top1"] = _delta(acc.mean, row["paper_top1"])
-        rows.append(row)
-    return StudyTable(study=study, name=name, rows=rows, sources=sources, records=records)
+        rows.append(_row(study, vname, label, paper, note, recs, trained, sources))
+    for s in sources:
+        base_row = next((r for r in rows if r["variant"] == base), None)
+        base_acc = base_row["acc"].get(s.key) if base_row else None
+        for r in rows:
+            a = r["acc"].get(s.key)
+            if a is not None and base_acc is not None and r["variant"] != base:
+                r["diff"][s.key] = stats.difference(a.values, base_acc.values)
+    base_paper = next((r.get("paper_top1") for r in rows if r["variant"] == base), None)
+    for r in rows:
+        r["is_base"] = r["variant"] == base
+        r["paper_d_base"] = None if r["is_base"] or base_paper is None or r.get("paper_top1") is None else r["paper_top1"] - base_paper
+    return StudyTable(study=study, name=name, rows=rows, sources=sources, records=records, frame=g,
+                      base_variant=base)
+
+
+def _row(
+    study: Study | None, vname: str, label: str, paper: dict[str, float], note: str,
+    recs: list[dict[str, Any]], trained: pd.DataFrame, sources: list[Source],
+) -> dict[str, Any]:
+    m = max(recs, key=lambda r: (r.get("spec", {}).get("image_size", 0), r.get("latency") is not None, r.get("written_at", "")), default=None)
+    lat_rec = max(
+        (r for r in recs if r.get("latency")),
+        key=lambda r: (r.get("spec", {}).get("image_size", 0), r.get("written_at", "")),
+        default=None,
+    )
+    spec = (m or {}).get("spec", {})
+    fl = (m or {}).get("flops") or {}
+    lat = (lat_rec or {}).get("latency") or {}
+    row: dict[str, Any] = {
+        "variant": vname,
+        "label": label,
+        "model": spec.get("name"),
+        "family": family(spec) if spec else None,
+        "image_size": spec.get("image_size"),
+        "num_classes": spec.get("num_classes"),
+        "params_m": fl.get("params_m"),
+        "gflops": fl.get("gflops"),
+        "latency_ms": lat.get("median_ms"),
+        "vs_model": lat.get("vs_model"),
+        "vs_latency_ms": lat.get("vs_median_ms"),
+        "time_ratio": lat.get("time_ratio"),
+        "latency_batch": lat.get("batch_size"),
+        "latency_image_size": (lat_rec or {}).get("spec", {}).get("image_size") if lat else None,
+        "latency_device": lat.get("device_name"),
+        "paper_top1": paper.get("top1"),
+        "paper_gflops": paper.get("gflops"),
+        "paper_params_m": paper.get("params_m"),
+        "note": note,
+        "n_files": len(recs),
+        "spec": spec,
+        "acc": {},
+        "diff": {},
+    }
+    if study is not None and study.vary and spec:
+        val = spec.get(study.vary)
+        row["vary"] = (",".join(map(str, val)) or "none") if isinstance(val, list) else val
+    # the paper's counting scale: ImageNet 224x224 / 1000 classes; detectors (Table 2) 640x640 / 90 slots
+    scale = (640, 90) if spec and spec.get("detector", "none") != "none" else (224, 1000)
+    paper_scale = (row["image_size"], row["num_classes"]) == scale
+    row["d_gflops"] = _delta(row["gflops"], row["paper_gflops"]) if paper_scale else None
+    row["d_params_m"] = _delta(row["params_m"], row["paper_params_m"]) if row["num_classes"] == scale[1] else None
+    mine = trained[trained["variant"] == vname] if len(trained) else trained
+    for s in sources:
+        acc = _accuracy(mine[(mine["recipe"] == s.recipe) & (mine["dataset"] == s.dataset)])
+        if acc is None:
+            continue
+        row["acc"][s.key] = acc
+        row[f"top1_{s.key}"] = acc.mean
+        row[f"top1_std_{s.key}"] = acc.std
+        row[f"top1_low_{s.key}"] = acc.summary.low
+        row[f"top1_high_{s.key}"] = acc.summary.high
+        row[f"n_{s.key}"] = acc.n
+        if s.comparable_to_paper:
+            row["d_top1"] = _delta(acc.mean, row["paper_top1"])
+    return row
 
 
 def _delta(ours: float | None, paper: float | None) -> float | None:
     return None if ours is None or paper is None else ours - paper
 
 
-def _accuracy(recs: list[dict[str, Any]], s: Source) -> Acc | None:
-    mine = [
-        r for r in recs
-        if r["training"].get("recipe", r.get("train")) == s.recipe and (r["training"].get("dataset") or "?") == s.dataset
-    ]
-    vals = [(r.get("seed", 0), as_percent(r["training"].get("top1")), r) for r in mine]
-    vals = [(seed, v, r) for seed, v, r in vals if v is not None and not math.isnan(v)]
-    if not vals:
+def _accuracy(g: pd.DataFrame) -> Acc | None:
+    g = g[g["top1"].map(lambda x: _num(x) is not None)]
+    if not len(g):
         return None
     # One value per seed: the latest file wins (a --force re-run replaces, it does not add).
-    per_seed: dict[int, tuple[float, dict[str, Any]]] = {}
-    for seed, v, r in sorted(vals, key=lambda t: t[2].get("written_at", "")):
-        per_seed[seed] = (v, r)
-    xs = [v for v, _ in per_seed.values()]
-    t5 = [as_percent(r["training"].get("top5")) for _, r in per_seed.values()]
-    t5 = [x for x in t5 if x is not None]
-    last = list(per_seed.values())[-1][1]["training"]
-    tspec, tfl = last.get("spec") or {}, last.get("flops") or {}
+    last = g.sort_values("written_at").groupby("seed", sort=True).tail(1).sort_values("seed")
+    values = [float(x) for x in last["top1"]]
+    t5 = [float(x) for x in last["top5"] if _num(x) is not None]
+    newest = last.sort_values("written_at").iloc[-1]
+
+    def col(name: str) -> Any:
+        return _num(newest[name]) if name in newest else None
+
+    image_size = col("training.spec.image_size")
     return Acc(
-        mean=statistics.fmean(xs),
-        std=statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        n=len(xs),
-        top5=statistics.fmean(t5) if t5 else None,
-        params_m=tfl.get("params_m"),
-        gflops=tfl.get("gflops"),
-        image_size=tspec.get("image_size"),
-        width=tspec.get("width"),
-        seeds=sorted(per_seed),
+        summary=stats.summarize(values),
+        values=values,
+        seeds=[int(s) for s in last["seed"]],
+        top5=sum(t5) / len(t5) if t5 else None,
+        params_m=col("training.flops.params_m"),
+        gflops=col("training.flops.gflops"),
+        image_size=int(image_size) if image_size is not None else None,
+        width=col("training.spec.width"),
     )
 
 
@@ -251,24 +354,41 @@ def columns(t: StudyTable) -> list[tuple[str, str]]:
     cols += [("gflops", "GFLOPS"), ("paper_gflops", "paper GFLOPS"), ("d_gflops", "Δ GFLOPS")]
     vs = {r.get("vs_model") for r in t.rows if r.get("time_ratio") is not None}
     cols += [("time_ratio", f"latency ratio vs {vs.pop()}" if len(vs) == 1 else "latency ratio vs baseline")]
-    bs = {r.get("latency_batch") for r in t.rows if r.get("latency_ms") is not None}
-    cols += [("latency_ms", f"latency (ms per batch of {bs.pop()})" if len(bs) == 1 else "latency (ms per batch)")]
+    base = next((r["label"] for r in t.rows if r["is_base"]), t.base_variant)
     for s in t.sources:
         cols.append((f"acc:{s.key}", f"ours: {s.label}, mean ± std"))
+        cols.append((f"ci:{s.key}", "95% interval"))
+        cols.append((f"diff:{s.key}", f"ours − {base} [95% interval]"))
+        cols.append((f"verdict:{s.key}", "verdict"))
     metric = t.study.metric if t.study else "top-1"
     cols.append(("paper_top1", f"paper: {metric}"))
+    if any(r.get("paper_d_base") is not None for r in t.rows):
+        cols.append(("paper_d_base", f"paper − {base}"))
     if any(s.comparable_to_paper for s in t.sources):
-        cols.append(("d_top1", "Δ top-1"))
+        cols.append(("d_top1", "Δ top-1 (ours − paper)"))
     return cols
 
 
 def cell(row: dict[str, Any], key: str, one_baseline: bool = False) -> str:
-    if key.startswith("acc:"):
-        acc = row["acc"].get(key[4:])
+    kind, _, skey = key.partition(":")
+    if kind == "acc" and skey:
+        acc = row["acc"].get(skey)
         return acc.text() if acc else "—"
+    if kind == "ci" and skey:
+        acc = row["acc"].get(skey)
+        return acc.interval_text() if acc else "—"
+    if kind in ("diff", "verdict") and skey:
+        if row.get("is_base") and skey in row["acc"]:
+            return "base" if kind == "diff" else "—"
+        d = row["diff"].get(skey)
+        if d is None:
+            return "—"
+        if kind == "verdict":
+            return d.verdict
+        return f"{d.delta:+.2f}" + ("" if d.low is None else f" [{d.low:+.2f}, {d.high:+.2f}]")
     v = row.get(key)
-    if key.startswith("d_"):
-        return _f(v, 2, signed=True)
+    if key.startswith("d_") or key == "paper_d_base":
+        return _f(v, 2 if key.startswith("d_") else 1, signed=True)
     if key == "time_ratio":
         if v is None:
             return "—"
@@ -289,19 +409,32 @@ def markdown(t: StudyTable) -> str:
     return "\n".join(lines)
 
 
-def to_csv(t: StudyTable) -> str:
-    """Machine-readable copy: raw numbers (no formatting), one row per variant."""
-    keys = [
-        "variant", "label", "model", "family", "vary", "image_size", "num_classes", "params_m", "paper_params_m",
-        "d_params_m", "gflops", "paper_gflops", "d_gflops", "latency_ms", "vs_model", "vs_latency_ms", "time_ratio",
-        "latency_batch", "latency_image_size", "latency_device",
-    ]
+CSV_KEYS = [
+    "variant", "label", "model", "family", "vary", "image_size", "num_classes", "params_m", "paper_params_m",
+    "d_params_m", "gflops", "paper_gflops", "d_gflops", "latency_ms", "vs_model", "vs_latency_ms", "time_ratio",
+    "latency_batch", "latency_image_size", "latency_device",
+]
+
+
+def frame_of(t: StudyTable) -> pd.DataFrame:
+    """The table as a DataFrame of raw numbers (no formatting), one row per variant."""
+    keys = list(CSV_KEYS)
     for s in t.sources:
-        keys += [f"top1_{s.key}", f"top1_std_{s.key}", f"n_{s.key}"]
-    keys += ["paper_top1", "d_top1", "note", "n_files"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
+        keys += [f"top1_{s.key}", f"top1_std_{s.key}", f"top1_low_{s.key}", f"top1_high_{s.key}", f"n_{s.key}",
+                 f"d_base_{s.key}", f"d_base_low_{s.key}", f"d_base_high_{s.key}", f"verdict_{s.key}"]
+    keys += ["paper_top1", "paper_d_base", "d_top1", "is_base", "note", "n_files"]
+    flat = []
     for r in t.rows:
-        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
-    return buf.getvalue()
+        row = {k: r.get(k) for k in keys}
+        for s in t.sources:
+            d = r["diff"].get(s.key)
+            if d is not None:
+                row.update({f"d_base_{s.key}": d.delta, f"d_base_low_{s.key}": d.low,
+                            f"d_base_high_{s.key}": d.high, f"verdict_{s.key}": d.verdict})
+        flat.append(row)
+    return pd.DataFrame(flat, columns=keys)
+
+
+def to_csv(t: StudyTable) -> str:
+    """Machine-readable copy of the table (see :func:`frame_of`)."""
+    return frame_of(t).to_csv(index=False, lineterminator="\n")
