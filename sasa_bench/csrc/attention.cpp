@@ -164,30 +164,65 @@ static inline void for_chunks(int64_t Wv, FB&& fb, FT&& ft) {
     for (; c0 < Wv; c0 += LT) ft(c0);
 }
 
+// Where the zero-padded [C, H, Wpp] block of one (b, n) comes from: a padded copy of the whole
+// tensor (``padded``), or the unpadded input itself, padded into a thread-local buffer when a
+// task starts. The second fuses the padding into the kernel's own parallel loop: no extra pass
+// over memory, no extra parallel region (each costs a scheduling delay on a busy host), and the
+// block stays in cache.
+template <typename T>
+struct BlockSource {
+  const T* base = nullptr;             // nullptr: absent (no keys)
+  int64_t C = 0, N = 1, stride_b = 0;  // unpadded: (b,n,c,h,w) at b*stride_b + ((n*C+c)*H+h)*W+w
+  bool padded = true;
+
+  const T* block(int64_t bn, const Dims& s, std::vector<T>& buf) const {
+    if (base == nullptr) return nullptr;
+    if (padded) return base + bn * C * s.H * s.Wpp;
+    if (buf.empty()) buf.assign(C * s.H * s.Wpp + 16, T(0));  // pads are zero and stay zero
+    const T* src = base + (bn / N) * stride_b + (bn % N) * C * s.H * s.W;
+    for (int64_t row = 0; row < C * s.H; ++row)
+      std::memcpy(buf.data() + row * s.Wpp + s.r, src + row * s.W, sizeof(T) * s.W);
+    return buf.data();
+  }
+};
+
 template <typename T, int LB, int LT>
-void forward_impl(const T* __restrict qp, const T* __restrict kp, const T* __restrict vp,
-                  const T* __restrict rr, const T* __restrict rc, T* __restrict out,
-                  T* __restrict lse, Dims s, bool has_k, bool has_rel, bool mask) {
-  const int64_t D = s.D, Dv = s.Dv, H = s.H, K = s.K, r = s.r, Wpp = s.Wpp, KK = s.KK;
-  const int64_t HWp = H * Wpp;
-  at::parallel_for(0, s.BN * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qs(2 * K * LB), scratch(KK * Wpp + LB);
-    T* Ps = scratch.data();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bn = task / H, i = task % H;
-      const T* qb = qp + bn * D * HWp + i * Wpp + r;
-      const T* kb = has_k ? kp + bn * D * HWp : nullptr;
-      const T* vb = vp + bn * Dv * HWp;
-      for_chunks<LB, LT>(
-          s.Wv,
-          [&](int64_t c0) {
-            forward_chunk<T, LB>(qb, kb, vb, rr, rc, out, lse, qs.data(), Ps, s, bn, i, c0, has_k,
-                                 has_rel, mask);
-          },
-          [&](int64_t c0) {
-            forward_chunk<T, LT>(qb, kb, vb, rr, rc, out, lse, qs.data(), Ps, s, bn, i, c0, has_k,
-                                 has_rel, mask);
-          });
+void forward_impl(const BlockSource<T>& qsrc, const BlockSource<T>& ksrc,
+                  const BlockSource<T>& vsrc, const T* __restrict rr, const T* __restrict rc,
+                  T* __restrict out, T* __restrict lse, Dims s, bool has_k, bool has_rel,
+                  bool mask) {
+  const int64_t H = s.H, K = s.K, r = s.r, Wpp = s.Wpp, KK = s.KK;
+  auto row = [&](int64_t bn, int64_t i, const T* qbn, const T* kb, const T* vb, T* qs, T* Ps) {
+    const T* qb = qbn + i * Wpp + r;
+    for_chunks<LB, LT>(
+        s.Wv,
+        [&](int64_t c0) {
+          forward_chunk<T, LB>(qb, kb, vb, rr, rc, out, lse, qs, Ps, s, bn, i, c0, has_k, has_rel,
+                               mask);
+        },
+        [&](int64_t c0) {
+          forward_chunk<T, LT>(qb, kb, vb, rr, rc, out, lse, qs, Ps, s, bn, i, c0, has_k, has_rel,
+                               mask);
+        });
+  };
+  if (qsrc.padded) {  // one task per pixel row: enough tasks when B*N is small
+    at::parallel_for(0, s.BN * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> qs(2 * K * LB), scratch(KK * Wpp + LB), none;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bn = task / H;
+        row(bn, task % H, qsrc.block(bn, s, none), ksrc.block(bn, s, none), vsrc.block(bn, s, none),
+            qs.data(), scratch.data());
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, s.BN, 1, [&](int64_t begin, int64_t end) {  // one task per (b, n)
+    std::vector<T> qs(2 * K * LB), scratch(KK * Wpp + LB), qbuf, kbuf, vbuf;
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const T* qbn = qsrc.block(bn, s, qbuf);
+      const T* kb = ksrc.block(bn, s, kbuf);
+      const T* vb = vsrc.block(bn, s, vbuf);
+      for (int64_t i = 0; i < H; ++i) row(bn, i, qbn, kb, vb, qs.data(), scratch.data());
     }
   });
 }
@@ -313,7 +348,7 @@ static inline void gather_chunk(const T* __restrict ring, const T* __restrict sr
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = a + r - t;
       const T* Pt = ring + ((i % K) * KK + t * K) * Wpp + 2 * r + c0;
-      const T* sr = src + bn * C * HWp + e0 * HWp + i * Wpp + 2 * r + c0;
+      const T* sr = src + e0 * HWp + i * Wpp + 2 * r + c0;  // src: this (b, n)'s padded block
       for (int64_t u = 0; u < K; ++u) {
         const V p = ld<V>(Pt + u * Wpp - u);
         for (int ee = 0; ee < CB; ++ee)
@@ -329,37 +364,40 @@ static inline void gather_chunk(const T* __restrict ring, const T* __restrict sr
 // as soon as pixel row i is done, key row a = i - r has every contribution and its dk, dv are
 // gathered (registers only: no read-modify-write of overlapping vectors, no atomics).
 template <typename T, int LB, int LT>
-void backward_impl(const T* __restrict gp, const T* __restrict qp, const T* __restrict kp,
-                   const T* __restrict vp, const T* __restrict rr, const T* __restrict rc,
-                   const T* __restrict lse, T* __restrict dq, T* __restrict dk, T* __restrict dv,
-                   T* __restrict drel, Dims s, bool has_k, bool has_rel, bool mask) {
+void backward_impl(const BlockSource<T>& gsrc, const BlockSource<T>& qsrc,
+                   const BlockSource<T>& ksrc, const BlockSource<T>& vsrc, const T* __restrict rr,
+                   const T* __restrict rc, const T* __restrict lse, T* __restrict dq,
+                   T* __restrict dk, T* __restrict dv, T* __restrict drel, Dims s, bool has_k,
+                   bool has_rel, bool mask) {
   const int64_t D = s.D, Dv = s.Dv, H = s.H, K = s.K, r = s.r, Wpp = s.Wpp, KK = s.KK;
-  const int64_t HWp = H * Wpp;
   at::parallel_for(0, s.BN, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qs(2 * K * LB), relacc(has_rel ? K * D * kRelStride : 0);
     // zero-initialised: the pads of every ring row stay zero
     std::vector<T> ringP(K * KK * Wpp + LB, T(0)), ringS(K * KK * Wpp + LB, T(0));
+    std::vector<T> gbuf, qbuf, kbuf, vbuf;
     for (int64_t bn = begin; bn < end; ++bn) {
-      const T* kb = has_k ? kp + bn * D * HWp : nullptr;
-      const T* vb = vp + bn * Dv * HWp;
+      const T* gbn = gsrc.block(bn, s, gbuf);
+      const T* qbn = qsrc.block(bn, s, qbuf);
+      const T* kb = ksrc.block(bn, s, kbuf);
+      const T* vb = vsrc.block(bn, s, vbuf);
       std::fill(relacc.begin(), relacc.end(), T(0));
       auto gather_key_row = [&](int64_t a) {
         for_chunks<LB, LT>(
             s.Wv,
             [&](int64_t c0) {
-              gather_chunk<T, LB>(ringP.data(), gp, dv, Dv, s, bn, a, c0);
-              if (has_k) gather_chunk<T, LB>(ringS.data(), qp, dk, D, s, bn, a, c0);
+              gather_chunk<T, LB>(ringP.data(), gbn, dv, Dv, s, bn, a, c0);
+              if (has_k) gather_chunk<T, LB>(ringS.data(), qbn, dk, D, s, bn, a, c0);
             },
             [&](int64_t c0) {
-              gather_chunk<T, LT>(ringP.data(), gp, dv, Dv, s, bn, a, c0);
-              if (has_k) gather_chunk<T, LT>(ringS.data(), qp, dk, D, s, bn, a, c0);
+              gather_chunk<T, LT>(ringP.data(), gbn, dv, Dv, s, bn, a, c0);
+              if (has_k) gather_chunk<T, LT>(ringS.data(), qbn, dk, D, s, bn, a, c0);
             });
       };
       for (int64_t i = 0; i < H; ++i) {
         T* Ps = ringP.data() + (i % K) * KK * Wpp;
         T* Ss = ringS.data() + (i % K) * KK * Wpp;
-        const T* qb = qp + bn * D * HWp + i * Wpp + r;
-        const T* gb = gp + bn * Dv * HWp + i * Wpp + r;
+        const T* qb = qbn + i * Wpp + r;
+        const T* gb = gbn + i * Wpp + r;
         for_chunks<LB, LT>(
             s.Wv,
             [&](int64_t c0) {
@@ -458,6 +496,29 @@ std::vector<torch::Tensor> pad_cols(const std::vector<torch::Tensor>& xs, int64_
   return outs;
 }
 
+// An unpadded source: the tensor itself if packed after the batch dim, else a contiguous copy
+// (kept alive in ``keep``).
+template <typename T>
+BlockSource<T> local_source(const torch::Tensor& x, std::vector<torch::Tensor>& keep) {
+  BlockSource<T> b;
+  auto xc = packed_after_batch(x) ? x : x.contiguous();
+  keep.push_back(xc);
+  b.base = xc.data_ptr<T>();
+  b.N = xc.size(1);
+  b.C = xc.size(2);
+  b.stride_b = xc.size(0) == 1 ? 0 : xc.stride(0);
+  b.padded = false;
+  return b;
+}
+
+template <typename T>
+BlockSource<T> padded_source(const torch::Tensor& xp) {
+  BlockSource<T> b;
+  b.base = xp.data_ptr<T>();
+  b.C = xp.size(2);
+  return b;
+}
+
 // Every entry point validates its inputs: shapes [B,N,*,H,W], one floating dtype (fp32 or
 // fp64), CPU, odd K, embeddings [K, Dr] + [K, D - Dr].
 void check_inputs(const char* fn, const torch::Tensor& q, const torch::Tensor& k,
@@ -502,14 +563,23 @@ std::vector<torch::Tensor> sasa_attention_forward(torch::Tensor q, torch::Tensor
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sasa_attention_forward", [&] {
     using C = Chunks<scalar_t>;
     Dims s = make_dims(q, v, K, has_rel ? rel_row.size(1) : 0, C::LT);
-    auto padded = pad_cols(
-        has_k ? std::vector<torch::Tensor>{q, v, k} : std::vector<torch::Tensor>{q, v}, r, s.Wpp);
-    auto kp = has_k ? padded[2] : k;
-    forward_impl<scalar_t, C::LB, C::LT>(
-        padded[0].data_ptr<scalar_t>(), ptr_or_null<scalar_t>(kp, has_k),
-        padded[1].data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rel_row, has_rel),
-        ptr_or_null<scalar_t>(rel_col, has_rel), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-        s, has_k, has_rel, mask);
+    std::vector<torch::Tensor> keep;
+    BlockSource<scalar_t> qs, ks, vs;
+    if (s.BN >= 4 * at::get_num_threads()) {  // enough (b, n) tasks: pad inside the kernel
+      qs = local_source<scalar_t>(q, keep);
+      vs = local_source<scalar_t>(v, keep);
+      if (has_k) ks = local_source<scalar_t>(k, keep);
+    } else {
+      keep = pad_cols(
+          has_k ? std::vector<torch::Tensor>{q, v, k} : std::vector<torch::Tensor>{q, v}, r, s.Wpp);
+      qs = padded_source<scalar_t>(keep[0]);
+      vs = padded_source<scalar_t>(keep[1]);
+      if (has_k) ks = padded_source<scalar_t>(keep[2]);
+    }
+    forward_impl<scalar_t, C::LB, C::LT>(qs, ks, vs, ptr_or_null<scalar_t>(rel_row, has_rel),
+                                         ptr_or_null<scalar_t>(rel_col, has_rel),
+                                         out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s,
+                                         has_k, has_rel, mask);
   });
   return {out, lse};
 }
@@ -538,16 +608,15 @@ std::vector<torch::Tensor> sasa_attention_backward(torch::Tensor g, torch::Tenso
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sasa_attention_backward", [&] {
     using C = Chunks<scalar_t>;
     Dims s = make_dims(q, v, K, has_rel ? rel_row.size(1) : 0, C::LT);
-    auto padded = pad_cols(
-        has_k ? std::vector<torch::Tensor>{g, q, v, k} : std::vector<torch::Tensor>{g, q, v}, r,
-        s.Wpp);
-    auto kp = has_k ? padded[3] : k;
+    std::vector<torch::Tensor> keep;  // one task per (b, n): always padded inside the kernel
+    BlockSource<scalar_t> ks;
+    if (has_k) ks = local_source<scalar_t>(k, keep);
     backward_impl<scalar_t, C::LB, C::LT>(
-        padded[0].data_ptr<scalar_t>(), padded[1].data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(kp, has_k), padded[2].data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(rel_row, has_rel), ptr_or_null<scalar_t>(rel_col, has_rel),
-        lc.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-        dv.data_ptr<scalar_t>(), drel.data_ptr<scalar_t>(), s, has_k, has_rel, mask);
+        local_source<scalar_t>(g, keep), local_source<scalar_t>(q, keep), ks,
+        local_source<scalar_t>(v, keep), ptr_or_null<scalar_t>(rel_row, has_rel),
+        ptr_or_null<scalar_t>(rel_col, has_rel), lc.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drel.data_ptr<scalar_t>(), s, has_k,
+        has_rel, mask);
   });
   // [K, D]: columns < Dr are rel_row's gradient (row offset t), the rest rel_col's (offset u)
   return {dq, dk, dv, drel.sum(0)};
