@@ -299,3 +299,16 @@ def test_latency_times_a_detector_in_both_modes() -> None:
     for mode in ("inference", "train"):
         row = measure_latency([spec], LatencyOptions(mode=mode, batch_size=2, warmup=1, iters=1))[0]
         assert row["median_ms"] > 0 and row["image_size"] == 128 and row["mode"] == mode
+
+
+def test_detection_study_is_table2_and_refuses_training(capsys, tmp_path) -> None:
+    from sasa_bench.studies import expand, load_study
+
+    variants = expand(load_study("detection"))
+    assert [v.spec.name for v in variants] == TABLE2_MODELS
+    for v in variants:
+        g, p, m = TABLE2[v.spec.name][:3]
+        assert v.paper == {"gflops": g, "params_m": p, "top1": m}  # top1: the study's metric, COCO mAP
+        assert v.spec.image_size == 640 and v.vs is not None and v.vs.name == "retinanet_resnet50"
+    code, _, err = _cli(capsys, "ablate", "detection", "--train", "short", "--results", str(tmp_path))
+    assert code == 2 and "--train none" in err

@@ -112,6 +112,9 @@ def plan(study: Study, opts: RunOptions) -> tuple[list[Variant], list[Unit]]:
         latency_options(opts).validate()  # e.g. --device cuda on a machine without one
         if opts.backend:
             resolve_backend(opts.backend, latency_options(opts).torch_device().type)
+    if opts.train != "none" and any(v.spec.detector != "none" for v in variants):
+        raise SasaError(f"study {study.name!r} holds detectors: run it with --train none (params, FLOPs, "
+                        "latency); train one with `sasa-bench train --task detection`")
     if opts.train != "none":
         cfg = train_config(opts, 0)
         check_training_data(cfg)
