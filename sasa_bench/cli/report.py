@@ -34,24 +34,8 @@ def report(
     for p in problems:
         err_console.print(f"warning: {p.path}: {p.reason}", markup=False, highlight=False, soft_wrap=True)
     with err_console.status("building the report…"):
-        path, tables = write_report(results, out or results)
-    if problems or mixed:
-        add_problems_section(path, problems, mixed)
+        path, tables = write_report(results, out or results, problems=problems, notes=mixed)
     have = [t.name for t in tables if t.has_results]
     missing = [t.name for t in tables if not t.has_results]
     err_console.print(f"wrote {path} ({len(have)} studies with results" + (f"; missing: {', '.join(missing)}" if missing else "") + ")")
     print(path)
-
-
-def add_problems_section(report_md: Path, problems: list, notes: list[str]) -> None:
-    """Put the unreadable/stale files (and --allow-mixed's warnings) into REPORT.md, before its
-    first section, so a reader sees them before any table."""
-    from sasa_bench.store import atomic_write_text
-
-    section = ["## Unreadable or stale result files, and warnings", ""]
-    section += [f"- {n}" for n in notes]
-    section += [f"- `{p.path}`: {p.reason}" for p in problems]
-    text = report_md.read_text()
-    at = text.find("\n## ")
-    at = len(text) if at < 0 else at + 1
-    atomic_write_text(report_md, text[:at] + "\n".join(section) + "\n\n" + text[at:])

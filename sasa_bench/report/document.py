@@ -13,8 +13,15 @@ from sasa_bench.report.tables import DATASET_NAMES, StudyTable, build_tables, ma
 from sasa_bench.store import atomic_write_text
 
 
-def write_report(results_dir: Path, out_dir: Path, studies_dir: Path | None = None) -> tuple[Path, list[StudyTable]]:
-    """Write ``out_dir/REPORT.md``, ``out_dir/tables/<study>.csv`` and ``out_dir/figures/*.png``."""
+def write_report(
+    results_dir: Path, out_dir: Path, studies_dir: Path | None = None, problems: list[Any] | None = None,
+    notes: list[str] | None = None,
+) -> tuple[Path, list[StudyTable]]:
+    """Write ``out_dir/REPORT.md``, ``out_dir/tables/<study>.csv`` and ``out_dir/figures/*.png``.
+
+    ``problems``: result files that do not count (``store.Problem``: unreadable, or stale against
+    the study file), listed before any table and left out of the tables; ``notes``: warnings
+    (e.g. a study mixing settings under ``--allow-mixed``)."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     # files listed as problems (unreadable, stale against the study file) stay out of the tables
     tables = build_tables(results_dir, studies_dir, exclude={str(p.path) for p in problems or []})
@@ -25,6 +32,11 @@ def write_report(results_dir: Path, out_dir: Path, studies_dir: Path | None = No
         f"({sum(len(t.records) for t in tables)} result files).",
         "",
     ]
+    if problems or notes:
+        lines += ["## Unreadable or stale result files, and warnings", ""]
+        lines += [f"- {n}" for n in notes or []]
+        lines += [f"- `{p.path}`: {p.reason}" for p in problems or []]
+        lines.append("")
     lines += provenance(tables)
     missing = [t for t in tables if not t.has_results]
     if missing:
