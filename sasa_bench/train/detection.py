@@ -42,13 +42,13 @@ from sasa_bench.train.data import eval_shard, steps_per_epoch, train_steps
 from sasa_bench.train.loop import (
     EMA,
     RESUME_NEUTRAL,
-    NonFiniteLoss,
     WarmupCosine,
     _autocast,
     _set_determinism,
     _write_metrics,
     check_out_dir,
     checkpoint_payload,
+    optimizer_step,
     param_groups,
     resolved_config_dict,
     restore_states,
@@ -281,20 +281,8 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
                 with _autocast(env.device, cfg.precision):
                     losses = train_model(images, targets)
                 loss = sum(v.float() for v in losses.values())
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                loss_v = (D.all_reduce_sum(loss.detach().float().reshape(1).cpu().double(), env) / env.world).item()
-                if not math.isfinite(loss_v):
-                    where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else ""
-                    raise NonFiniteLoss(f"loss became {loss_v} at step {global_step + 1}; stopping (try a lower --lr){where}")
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                if ema is not None:
-                    ema.update(model)
+                loss_v = optimizer_step(loss, (model, opt, sched, scaler, ema), cfg, env, ckpt_path,
+                                        f"step {global_step + 1} (epoch {epoch + 1})")
                 global_step, step_in_epoch = global_step + 1, s + 1
                 loss_sum, loss_n = loss_sum + loss_v, loss_n + 1
                 now = time.perf_counter()

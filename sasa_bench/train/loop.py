@@ -317,6 +317,27 @@ def restore_states(state: dict[str, Any], src: Path, changes: dict, cfg: TrainCo
     return ema
 
 
+def optimizer_step(loss: torch.Tensor, objs: Trainables, cfg: TrainConfig, env: D.DistEnv, ckpt_path: Path, where: str) -> float:
+    """Backward (scaled), optional clipping, the step, the schedule and the EMA; returns the loss
+    averaged over ranks, after refusing a non-finite one (the last good checkpoint stays)."""
+    model, opt, sched, scaler, ema = objs
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    loss_v = (D.all_reduce_sum(loss.detach().float().reshape(1).cpu().double(), env) / env.world).item()
+    if not math.isfinite(loss_v):
+        last = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else ""
+        raise NonFiniteLoss(f"loss became {loss_v} at {where}; stopping (try a lower --lr or --precision fp32){last}")
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    if ema is not None:
+        ema.update(model)
+    return loss_v
+
+
 def checkpoint_payload(objs: Trainables, position: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What :func:`ckpt.save` writes: every state of ``objs``, the loop position, and ``extra``."""
     model, opt, sched, scaler, ema = objs
@@ -463,24 +484,8 @@ def _run(
                 with _autocast(env.device, cfg.precision):
                     logits = train_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                stat = D.all_reduce_sum(loss.detach().float().reshape(1).cpu().double(), env) / env.world
-                loss_v = stat.item()
-                if not math.isfinite(loss_v):
-                    where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else ""
-                    raise NonFiniteLoss(
-                        f"loss became {loss_v} at step {global_step + 1} (epoch {epoch + 1}); "
-                        f"stopping (try a lower --lr or --precision fp32){where}"
-                    )
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                if ema is not None:
-                    ema.update(model)
+                loss_v = optimizer_step(loss, (model, opt, sched, scaler, ema), cfg, env, ckpt_path,
+                                        f"step {global_step + 1} (epoch {epoch + 1})")
                 global_step += 1
                 step_in_epoch = s + 1
                 loss_sum += loss_v
