@@ -139,10 +139,8 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.update(self.task_ep, completed=step_in_epoch, info=info)
             self.bar.update(self.task_all, completed=step, info="")
-        elif self.on_step is not None:
-            left = self.eta.left(step, self.total)
-            self.on_step(f"step {step}/{self.total} {info}" + (f" eta {fmt_duration(left)}" if left else ""),
-                         step, self.total)
+        elif self.on_step is not None:  # the caller's display adds done/total and the ETA
+            self.on_step(f"training: {info}", step, self.total)
         elif self.log_every and step_in_epoch % self.log_every == 0:
             self.plain.last = -float("inf")  # an explicit --log-every prints every N steps
             self.plain(f"step {step} {info}", step, self.total)
