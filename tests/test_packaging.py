@@ -29,7 +29,7 @@ def test_listed_packages_are_the_package_folders() -> None:
         for p in (ROOT / "sasa_bench").rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
-    assert listed - {"sasa_bench.ablations"} == found
+    assert listed - {"sasa_bench.ablations", "sasa_bench.csrc"} == found  # the two data packages
     assert PYPROJECT["tool"]["setuptools"]["package-dir"]["sasa_bench.ablations"] == "ablations"
 
 
