@@ -308,3 +308,13 @@ def test_ablate_with_real_latency_and_training(tmp_path: Path, capsys) -> None:
     rec = json.loads(report.written[0].read_text())
     assert rec["latency"]["time_ratio"] > 0 and rec["latency"]["vs_model"].startswith("sasa_resnet26")
     assert 0 <= rec["training"]["top1"] <= 100 and rec["training"]["spec"]["image_size"] == 32
+
+
+def test_width_study_trains_at_the_recipe_width_times_the_variants() -> None:
+    from sasa_bench.studies.runner import RunOptions, train_config, train_spec
+
+    cfg = train_config(RunOptions(), 0)
+    widths = {v.name: train_spec(v, cfg).width for v in _variants("width")}
+    assert widths["resnet50_w0.5"] == 0.125 and widths["sasa_resnet50_w2.0"] == 0.5
+    # every other study trains at the recipe's own width
+    assert {train_spec(v, cfg).width for v in _variants("spatial-extent")} == {0.25}

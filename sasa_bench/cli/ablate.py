@@ -112,7 +112,7 @@ def _print_plan(study: Any, opts: Any, variants: list[Any], todo: list[Any]) -> 
     from sasa_bench.cli.options import SHARED_FIELDS
     from sasa_bench.spec import make_spec
     from sasa_bench.studies.expand import spec_flags
-    from sasa_bench.studies.runner import unit_status
+    from sasa_bench.studies.runner import train_config, train_overrides, unit_status
 
     q = shlex.quote
     print(f"# {study.name}: {study.title} ({study.paper_ref}); {len(variants)} variants, {len(todo)} units in this shard")
@@ -139,7 +139,8 @@ def _print_plan(study: Any, opts: Any, variants: list[Any], todo: list[Any]) -> 
                 for k, x in (("data", opts.data), ("data_dir", opts.data_dir), ("batch_size", opts.batch_size), ("threads", opts.threads))
                 if x
             )
-            print(f"sasa-bench train {flags} --recipe {u.train} --seed {u.seed}{extra}")
+            tflags = spec_flags(v.model, train_overrides(v, train_config(opts, u.seed)))
+            print(f"sasa-bench train {tflags} --recipe {u.train} --seed {u.seed}{extra}")
 
 
 def _command(name: str, **options: object) -> str:

@@ -330,12 +330,17 @@ def train_spec(v: Variant, cfg: Any) -> ModelSpec:
     recipe's width 0.25, 64x64, 10 classes), then the study's and the command line's fields."""
     from sasa_bench.train import spec_for
 
+    return spec_for(cfg, v.model, train_overrides(v, cfg))
+
+
+def train_overrides(v: Variant, cfg: Any) -> dict[str, Any]:
+    """The variant's model fields as trained: a recipe that narrows every model (short: 0.25)
+    keeps a width study's ratios, so a variant's width multiplies the recipe's (0.5 -> 0.125,
+    ..., 2.0 -> 0.5)."""
     overrides = dict(v.overrides)
     if "width" in overrides and "width" in cfg.model:
-        # A recipe that narrows every model (short: 0.25) keeps a width study's ratios: its
-        # variants' widths multiply the recipe's (0.5 -> 0.125, ..., 1.25 -> 0.3125).
         overrides["width"] = overrides["width"] * cfg.model["width"]
-    return spec_for(cfg, v.model, overrides)
+    return overrides
 
 
 def train_unit(
