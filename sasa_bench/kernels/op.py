@@ -98,7 +98,7 @@ def fallback_forward(q, k, v, rel_row, rel_col, kernel_size, mask_border):  # no
 
     dt = _compute_dtype(q)
     out, _, lse, _, _ = shift_forward(*_cast(dt, q, k, v, rel_row, rel_col), kernel_size, mask_border)
-    return out.to(v.dtype), lse.to(dt)
+    return out.to(v.dtype).contiguous(), lse.to(dt).contiguous()
 
 
 def fallback_backward(grad, q, k, v, rel_row, rel_col, kernel_size, mask_border):  # noqa: ANN001, ANN201
@@ -136,16 +136,17 @@ def local_attention_backward_op(
 
 
 def backward_outputs(grads, q, k, v, rel_row, rel_col):  # noqa: ANN001, ANN201
-    """The backward op's 5 outputs from (dq, dk, dv, drr, drc): input dtypes, empty for None."""
+    """The backward op's 5 outputs from (dq, dk, dv, drr, drc): input dtypes, contiguous (what
+    the fake kernel promises, whatever the inputs' strides), empty for None."""
     like = (q, k, v, rel_row, rel_col)
     return tuple(
-        q.new_empty(0) if src is None else g.to(src.dtype) for g, src in zip(grads, like, strict=True)
+        q.new_empty(0) if src is None else g.to(src.dtype).contiguous() for g, src in zip(grads, like, strict=True)
     )
 
 
 @local_attention_backward_op.register_fake
 def _(grad, q, k, v, rel_row, rel_col, out, lse, kernel_size, mask_border):  # noqa: ANN001, ANN202
-    return tuple(torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, k, v, rel_row, rel_col))
+    return tuple(t.new_empty(t.shape) if t is not None else q.new_empty(0) for t in (q, k, v, rel_row, rel_col))
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -119,10 +119,15 @@ def stem_attention_backward_op(
     return gx.to(x.dtype), gw.to(weight_t.dtype), gr.to(rel_t.dtype), (gv.to(vmap.dtype) if vmap is not None else gv)
 
 
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels return: a fresh contiguous tensor of t's shape and dtype (whatever t's strides)."""
+    return t.new_empty(t.shape)
+
+
 @stem_attention_backward_op.register_fake
 def _(x, weight_t, rel_t, vmap, gy, heads):  # noqa: ANN001, ANN202
-    gv = torch.empty_like(vmap) if vmap is not None else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight_t), torch.empty_like(rel_t), gv
+    gv = _contiguous_like(vmap) if vmap is not None else x.new_empty(0)
+    return _contiguous_like(x), _contiguous_like(weight_t), _contiguous_like(rel_t), gv
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
