@@ -379,3 +379,26 @@ def test_triton_self_check_rejects_wrong_or_failing_kernels(monkeypatch):  # noq
 
     monkeypatch.setattr(tf._TritonAttention, "apply", local_attention_reference)
     assert tf.self_check("cpu") is None
+
+
+def test_backend_that_runs_reports_the_fallback_after_a_failed_build(monkeypatch, tmp_path):  # noqa: ANN001
+    """What latency / bench-layer record: resolved after the lazy build, so a build that fails
+    (a compiler that exists but fails, an empty extension cache) reports ``shift`` (what then
+    runs), not ``cpu_fused``; the build announces itself first."""
+    import shutil
+
+    from sasa_bench.kernels import cpp_build
+    from sasa_bench.kernels.registry import backend_that_runs
+
+    if shutil.which("false") is None:
+        pytest.skip("no `false` command")
+    monkeypatch.setattr(cpp_build, "_EXTENSIONS", {})
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    heard: list[str] = []
+    monkeypatch.setattr(cpp_build, "BUILD_LISTENERS", [heard.append])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backend_that_runs("auto", "cpu") == "shift"
+    assert len(heard) == 1 and heard[0].startswith(cpp_build.BUILD_MESSAGE)
+    assert backend_that_runs("reference", "cpu") == "reference"
