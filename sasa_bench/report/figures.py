@@ -180,7 +180,7 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
             ax.set_ylabel("top-1 accuracy (%)")
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.margins(x=0.25, y=0.12)  # room for labels; one legend for the figure
     ax = axes[-1][0]
     for key, (name, color, marker) in SERIES.items():
         sel = [r for r in rows if series(r) == key and r.get("gflops") is not None]
@@ -191,10 +191,13 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
     ax.set_ylabel("parameters (M), ours")
     ax.set_title("cost: parameters vs compute (ours)", fontsize=9)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    ax.margins(x=0.25, y=0.12)
+
     axes[-1][1].axis("off")
     fig.suptitle(f"{t.title} — accuracy vs compute and parameters (conv vs attention)", fontsize=11)
+    handles = [plt.Line2D([], [], color=c, marker=m, label=n) for f, (n, c, m) in SERIES.items()
+               if any(series(r) == f for r in rows)]
+    fig.legend(handles=handles, loc="lower right", fontsize=9, frameon=True)
     fig.tight_layout()
     for ax, pts in labels:
         place_labels(ax, pts)
