@@ -11,8 +11,9 @@ Recipes (``--task detection --recipe ...``). ``paper`` (Appendix A.3): batch 64,
 jitter + crop to 640 + flip 0.5. Not stated, our choice: SGD with momentum 0.9 (not Nesterov)
 and weight decay 1e-4 on conv/linear weights (the TF RetinaNet's), no EMA, backbone BN trained
 and synchronised across processes (``sync_bn``). ``short``: the generated COCO-format set of the
-tests at 128 x 128, batch 4, 2 epochs, frozen backbone BN statistics (``sync_bn`` off: with a few
-images per process, BN statistics are frozen, torchvision's choice; the BN affine still trains).
+tests at 128 x 128, batch 4, 2 epochs. BN: with ``sync_bn`` off and a ``--backbone-checkpoint``,
+the backbone's BN statistics stay frozen (torchvision's choice for a few images per process; the
+affine still trains); from scratch they train.
 """
 
 from __future__ import annotations
@@ -180,7 +181,9 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     model: SasaRetinaNet = build_model(spec)
-    model.freeze_bn = not cfg.sync_bn
+    # Frozen BN statistics only for a loaded backbone: from scratch they would freeze at the init's
+    # (mean 0, var 1) and leave the ResNet unnormalised (NaN within a few dozen steps, measured).
+    model.freeze_bn = backbone_ckpt is not None and not cfg.sync_bn
     if backbone_ckpt is not None:
         missing, _ = load_backbone(model, check_backbone_checkpoint(backbone_ckpt, spec))
         if missing:
