@@ -252,6 +252,9 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
 
     def run_eval() -> dict[str, Any]:
         nonlocal best_map
+        for m in (model, ema.module if ema is not None else None):  # BN statistics: per rank until here
+            if m is not None:
+                D.average_buffers(m, env)
         m = evaluate_detection(eval_model, eval_data, env, eval_bs, cfg.precision)
         best_map = max(best_map or 0.0, m["map"])
         return m
