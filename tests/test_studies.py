@@ -207,11 +207,11 @@ def test_runner_writes_one_file_per_unit_and_resumes(tmp_path: Path, fakes) -> N
     # the short recipe's model settings (width 0.25, 64x64, 10 classes) + the study's field
     assert rec["training"]["spec"]["width"] == 0.25 and rec["training"]["spec"]["num_classes"] == 10
     assert rec["training"]["spec"]["pos"] == "absolute"
-    assert rec["spec"]["image_size"] == 224 and rec["paper"] == {"top1": 78.2}
+    assert rec["spec"]["image_size"] == 224 and rec["paper"] == {"gflops": 6.9, "params_m": 18.0, "top1": 78.2}
     assert rec["env"]["torch"] and rec["env"]["cpu"]
-    # a study field wins over the recipe's (width study: width is what varies)
+    # width study: a variant's own width multiplies the recipe's (x2.0 -> 0.5)
     run_study(load_study("width"), RunOptions(train="short", results_dir=tmp_path / "w", runs_dir=tmp_path / "runs", shard=(4, 8)))
-    assert fakes["train"][-1][0].width == 1.25
+    assert fakes["train"][-1][0].width == 0.5
     # --force redoes a finished unit
     run_study(study, RunOptions(**{**opts.__dict__, "shard": (1, 6), "force": True}))
     assert first.stat().st_mtime_ns != mtime

@@ -30,6 +30,7 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)  # ... and the fields set on top of it
     vs_model: str = ""  # the preset ``vs`` starts from
     vs_overrides: dict[str, Any] = field(default_factory=dict)  # ... and its fields on top
+    varied: tuple[str, ...] = ()  # the fields the variant itself sets (its `set`), not the base's
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def expand(study: Study, overrides: dict[str, Any] | None = None) -> list[Varian
         out.append(
             Variant(
                 name=v.name, spec=spec, label=v.label, vs=vs, paper=dict(v.paper), note=v.note, index=i,
-                model=preset, overrides=fields, vs_model=vs_model, vs_overrides=vs_fields,
+                model=preset, overrides=fields, vs_model=vs_model, vs_overrides=vs_fields, varied=tuple(v.set),
             )
         )
     return out

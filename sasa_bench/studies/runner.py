@@ -335,10 +335,10 @@ def train_spec(v: Variant, cfg: Any) -> ModelSpec:
 
 def train_overrides(v: Variant, cfg: Any) -> dict[str, Any]:
     """The variant's model fields as trained: a recipe that narrows every model (short: 0.25)
-    keeps a width study's ratios, so a variant's width multiplies the recipe's (0.5 -> 0.125,
-    ..., 2.0 -> 0.5)."""
+    keeps a width study's ratios, so a width the variant itself sets multiplies the recipe's
+    (0.5 -> 0.125, ..., 2.0 -> 0.5); a width set in the study's base is taken as is."""
     overrides = dict(v.overrides)
-    if "width" in overrides and "width" in cfg.model:
+    if "width" in v.varied and "width" in cfg.model:
         overrides["width"] = overrides["width"] * cfg.model["width"]
     return overrides
 
