@@ -137,13 +137,21 @@ def test_attention_groups_select_the_groups() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_there_are_twelve_presets() -> None:
+CLASSIFIERS = sorted(n for n in PRESETS if PRESETS[n].detector == "none")
+
+
+def test_there_are_twelve_classifiers_and_the_five_table2_detectors() -> None:
     expected = {
         f"{pre}{d}{suf}"
         for d in (26, 38, 50, 101)
         for pre, suf in (("resnet", ""), ("sasa_resnet", "_convstem"), ("sasa_resnet", ""))
     }
-    assert set(PRESETS) == expected
+    assert set(CLASSIFIERS) == expected
+    # the detectors (built and checked in test_detection.py)
+    assert set(PRESETS) - expected == {
+        "retinanet_resnet50", "retinanet_sasa_resnet50_convstem", "retinanet_sasa_resnet50",
+        "retinanet_sasa_resnet50_convstem_attnfpn", "retinanet_sasa_resnet50_attnfpn",
+    }
     for d in (26, 38, 50, 101):
         assert PRESETS[f"resnet{d}"].attention_groups == () and PRESETS[f"resnet{d}"].stem == "conv"
         assert PRESETS[f"sasa_resnet{d}_convstem"].attention_groups == (1, 2, 3, 4)
@@ -157,7 +165,7 @@ def test_there_are_twelve_presets() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if "101" in n else n for n in sorted(PRESETS)],
+    [pytest.param(n, marks=pytest.mark.slow) if "101" in n else n for n in CLASSIFIERS],
 )
 def test_every_preset_builds_and_runs(name: str) -> None:
     model = create_model(name, image_size=64, num_classes=5)
