@@ -220,6 +220,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # ~25 s: Triton's interpreter runs the kernel in Python
 def test_triton_kernel_in_interpreter():
     """The GPU kernel, run by Triton's CPU interpreter (no GPU needed), equals the reference."""
     pytest.importorskip("triton")
@@ -347,6 +348,7 @@ def test_opcheck_local_attention(has_k, has_rel, mask):  # noqa: ANN001
     )  # fmt: skip
 
 
+@pytest.mark.slow  # ~12 s: flex_attention's CPU path compiles
 def test_flex_forward_matches_reference_on_cpu():
     """The flex backend's block mask / score_mod formulation (its forward runs on the CPU; flex
     has no CPU backward, so gradients are checked by `make gpu-check` on a GPU)."""
