@@ -70,3 +70,17 @@ def test_a_study_training_off_a_terminal_prints_steps_with_eta(tmp_path: Path) -
     assert steps and all("img/s" in s for s in steps)
     assert any("eta" in s and "/64" in s for s in steps), out.stderr
     assert out.stdout == ""  # data only on stdout; an ablate run prints none
+
+
+def test_latency_records_the_precision_that_ran(monkeypatch) -> None:  # noqa: ANN001
+    from sasa_bench import hardware
+    from sasa_bench.measure import latency as L
+    from sasa_bench.spec import make_spec
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": False)
+    spec = make_spec("resnet26", width=0.25, image_size=32, num_classes=10)
+    (row,) = L.measure_latency([spec], L.LatencyOptions(device="cpu", precision="auto", batch_size=2, warmup=1, iters=1))
+    assert row["precision"] == "fp32"
+    with pytest.warns(UserWarning, match="without native bf16"):
+        (row,) = L.measure_latency([spec], L.LatencyOptions(device="cpu", precision="bf16", batch_size=2, warmup=1, iters=1))
+    assert row["precision"] == "bf16"

@@ -93,6 +93,12 @@ def os_error_line(e: OSError) -> str:
     return f"{what}: {e.filename}" if e.filename else what
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings as one line a user reads (`sasa-bench: warning: ...`), not Python's two-line
+    source dump; ours (precision, kernel fallbacks) are written to be read that way."""
+    return f"sasa-bench: warning: {str(message).splitlines()[0] if str(message) else category.__name__}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (also `python -m sasa_bench`, which torchrun uses).
 
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     # fvcore's import calls torch.jit.script, which recent torch flags as deprecated.
     warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+    warnings.formatwarning = _one_line_warning
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for sig in old:

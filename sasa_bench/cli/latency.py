@@ -48,7 +48,7 @@ def latency(
     device: Annotated[str, typer.Option(help="auto (cuda if available) | cpu | cuda | cuda:N", rich_help_panel=_PANEL)] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (torch.set_num_threads); recorded either way.", rich_help_panel=_PANEL)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=_PANEL)] = 8,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (torch.autocast).", rich_help_panel=_PANEL)] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (torch.autocast) | auto (bf16 only where the device computes it natively).", rich_help_panel=_PANEL)] = "fp32",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Model and input in channels_last.", rich_help_panel=_PANEL)] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile; compile time is reported apart (compile_s).", rich_help_panel=_PANEL)] = False,
     mode: Annotated[str, typer.Option(help="inference (forward, inference_mode) | train (forward, backward, SGD step).", rich_help_panel=_PANEL)] = "inference",

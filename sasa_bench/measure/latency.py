@@ -25,6 +25,7 @@ largely cancels. ``time_ratio`` is the median of the per-pair ratios model/basel
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import platform
 import statistics
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from sasa_bench.errors import SasaError
+from sasa_bench.hardware import resolve_precision
 from sasa_bench.kernels.registry import backend_that_runs, kernel_facts
 from sasa_bench.measure.flops import FlopCount, count_flops
 from sasa_bench.measure.memory import PeakMemory, peak_memory
@@ -70,8 +72,8 @@ class LatencyOptions:
     retry_oom: bool = False  # on out-of-memory, halve the batch size and retry (as timm's benchmark)
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise SasaError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise SasaError(f"unknown precision {self.precision!r} (choose from auto, {', '.join(PRECISIONS)})")
         if self.mode not in MODES:
             raise SasaError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.batch_size < 1:
@@ -337,6 +339,8 @@ def measure_latency(
     """
     opts.validate()
     device, warmup, iters = opts.resolved()
+    # auto -> bf16 only where native; a forced bf16 without it is timed as asked, with one warning
+    opts = dataclasses.replace(opts, precision=resolve_precision(opts.precision, device))
     prev_threads = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
