@@ -34,6 +34,26 @@ def plain_line(message: str, prefix: str = "") -> None:
     print(f"{time.strftime('%H:%M:%S')} {prefix}{message}", file=sys.stderr, flush=True)
 
 
+def rich_bars(with_info: bool) -> Any:
+    """The one rich display (entered): description, bar, done/total, [info], elapsed, ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    info = (TextColumn("{task.fields[info]}"),) if with_info else ()
+    bar = RichProgress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *info,
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=False,
+    )
+    bar.__enter__()
+    return bar
+
+
 class Eta:
     """Rate and time left from the steps done since :meth:`start` (resumed runs start late)."""
 
@@ -98,21 +118,7 @@ class TrainProgress:
 
     def __enter__(self) -> TrainProgress:
         if self.rich:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                console=err_console, transient=False,
-            )
-            self.bar.__enter__()
+            self.bar = rich_bars(with_info=True)
             self.task_all = self.bar.add_task("total", total=self.total, info="")
             self.task_ep = self.bar.add_task("epoch", total=self.spe, info="")
         return self
@@ -174,20 +180,7 @@ class StudyDisplay:
 
     def __enter__(self) -> StudyDisplay:
         if self.rich:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress(
-                TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=False,
-            )
-            self.bar.__enter__()
+            self.bar = rich_bars(with_info=False)
             self.task_units = self.bar.add_task(escape(self.name), total=self.total)
             self.task_steps = self.bar.add_task("", total=None, visible=False)
         return self
