@@ -318,3 +318,20 @@ def test_width_study_trains_at_the_recipe_width_times_the_variants() -> None:
     assert widths["resnet50_w0.5"] == 0.125 and widths["sasa_resnet50_w2.0"] == 0.5
     # every other study trains at the recipe's own width
     assert {train_spec(v, cfg).width for v in _variants("spatial-extent")} == {0.25}
+
+
+def test_training_without_latency_is_done_when_its_variant_is_timed_apart(fakes, tmp_path: Path) -> None:
+    """The usual way to run a study: train with --no-latency, time with --train none; a plain
+    `ablate` afterwards must not retrain everything for the timing it already has."""
+    study = load_study("logits")
+    base = {"results_dir": tmp_path / "r", "runs_dir": tmp_path / "runs"}
+    run_study(study, RunOptions(train="short", latency=False, **base))
+    n_train = len(fakes["train"])
+    run_study(study, RunOptions(train="none", **base))
+    again = run_study(study, RunOptions(train="short", **base))
+    assert len(fakes["train"]) == n_train and not again.written
+    # without the timed unit the training units are stale (timing was asked for): redone
+    for f in (tmp_path / "r" / "logits").glob("*__none__*.json"):
+        f.unlink()
+    redo = run_study(study, RunOptions(train="short", **base))
+    assert len(redo.written) == 2 and len(fakes["train"]) == n_train + 2

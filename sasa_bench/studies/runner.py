@@ -161,10 +161,25 @@ def unit_status(study: Study, unit: Unit, opts: RunOptions) -> tuple[str, str]:
     rec, reason = read_record(path)
     if rec is None:
         return "invalid", f"unreadable result ({reason})"
-    changes = key_changes(key_of_record(rec, NEUTRAL_FIELDS), unit_key(unit, opts))
+    old, new = key_of_record(rec, NEUTRAL_FIELDS), unit_key(unit, opts)
+    if old.get("latency") is None and new.get("latency") is not None and _timed_elsewhere(study, unit, opts, new):
+        old = {**old, "latency": new["latency"]}  # a training run without latency: its variant's
+        # current `--train none` unit holds the timing, so the training is not redone for it
+    changes = key_changes(old, new)
     if changes:
         return "stale", ", ".join(changes)
     return "done", ""
+
+
+def _timed_elsewhere(study: Study, unit: Unit, opts: RunOptions, new: dict[str, Any]) -> bool:
+    """Whether the variant's `--train none` result exists, is valid and was timed as ``opts`` asks
+    (studies are often trained with --no-latency and timed apart, on a quiet machine)."""
+    from sasa_bench.train.recipes import NEUTRAL_FIELDS
+
+    if unit.train == "none":
+        return False
+    rec, _ = read_record(result_path(opts.results_dir, study, Unit(unit.variant, 0, "none")))
+    return rec is not None and key_of_record(rec, NEUTRAL_FIELDS).get("latency") == new["latency"]
 
 
 def run_study(
