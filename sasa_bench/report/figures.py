@@ -153,7 +153,9 @@ def pareto(t: StudyTable, path: Path) -> Path | None:
                 pts.append((r, a.mean, a.gflops if a.gflops is not None else r["gflops"], a.params_m if a.params_m is not None else r["params_m"], _err(a)))
         if pts:
             a0 = next(r["acc"][s.key] for r in rows if s.key in r["acc"])
-            size = f", {a0.image_size}×{a0.image_size}, width ×{a0.width:g}" if a0.image_size and a0.width else ""
+            ws = sorted({r["acc"][s.key].width for r in rows if s.key in r["acc"] and r["acc"][s.key].width})
+            wtext = f"width ×{ws[0]:g}" if len(ws) == 1 else f"widths ×{ws[0]:g}–{ws[-1]:g}"
+            size = f", {a0.image_size}×{a0.image_size}, {wtext}" if a0.image_size and ws else ""
             panels.append((f"ours: {s.label}{size}", pts))
     ppts = [
         (r, r["paper_top1"], r["paper_gflops"], r["paper_params_m"], 0.0)
