@@ -150,7 +150,7 @@ def test_models_lists_every_preset() -> None:
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert sorted(row["model"] for row in rows) == sorted(PRESETS)
-    assert len(rows) == 12
+    assert len(rows) == 17  # 12 classifiers + the 5 Table 2 detectors
     for row in rows:
         assert isinstance(row["params"], int) and row["gflops"] > 0
     by_name = {row["model"]: row for row in rows}
