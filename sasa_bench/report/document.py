@@ -146,6 +146,9 @@ def section(t: StudyTable, csv_rel: Path, figs: list[Path]) -> list[str]:
     if agreement is not None:
         labels = {r["variant"]: r["label"] for r in t.rows}
         lines += [agreement.sentence(labels), ""]
+    elif any(r.get("paper_top1") is not None for r in t.rows):  # a paper study we have not trained
+        lines += ["Agreement with the paper: not assessable yet: no accuracy of ours for this study "
+                  f"(`sasa-bench ablate {t.name}` with training produces it).", ""]
     notes = [f"- {r['label']}: {r['note']}" for r in t.rows if r.get("note")]
     if notes:
         lines += ["Notes:", "", *notes, ""]
