@@ -70,4 +70,4 @@ def test_agreement_counts_the_papers_pairwise_claims() -> None:
     assert close.close_in_paper == 1  # a vs b: 0.1 points in the paper is no claim
     line = ag.sentence({"a": "A", "b": "B", "c": "C"})
     assert line.startswith("Agreement with the paper: Kendall's τ = ")
-    assert "contradict 1 (C > A)" in line
+    assert "contradict 1 (“C” > “A”)" in line

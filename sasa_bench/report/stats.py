@@ -121,12 +121,14 @@ class Agreement:
             if self.tau is not None else f"τ not defined for {self.n_variants} variants"
 
         def pairs(ps: list[tuple[str, str]]) -> str:
-            return ", ".join(f"{name(a) or a} > {name(b) or b}" for a, b in ps)
+            return "; ".join(f"“{name(a) or a}” > “{name(b) or b}”" for a, b in ps)
 
-        parts = [f"of the paper's {n_claims} pairwise orderings, we reproduce {len(self.reproduced)}"
+        ordering = "ordering" if n_claims == 1 else "orderings"
+        parts = [f"of the paper's {n_claims} pairwise {ordering}, we reproduce {len(self.reproduced)}"
                  + (f" ({pairs(self.reproduced)})" if self.reproduced else "")]
         parts.append(f"contradict {len(self.contradicted)}" + (f" ({pairs(self.contradicted)})" if self.contradicted else ""))
-        parts.append(f"and {len(self.within_noise)} are within our seed noise")
+        verb = "is" if len(self.within_noise) == 1 else "are"
+        parts.append(f"and {len(self.within_noise)} {verb} within our seed noise")
         tail = f"; {self.close_in_paper} more pair(s) the paper itself puts within {CLAIM_MIN_GAP} points" if self.close_in_paper else ""
         return f"Agreement with the paper: {tau}; " + ", ".join(parts) + tail + "."
 
