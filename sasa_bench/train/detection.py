@@ -41,19 +41,16 @@ from sasa_bench.train import distributed as D
 from sasa_bench.train.coco import CocoData, coco_eval
 from sasa_bench.train.data import eval_shard, steps_per_epoch, train_steps
 from sasa_bench.train.loop import (
-    EMA,
-    RESUME_NEUTRAL,
-    WarmupCosine,
     _autocast,
     _set_determinism,
     _write_metrics,
     check_out_dir,
     checkpoint_payload,
+    make_optimisation,
     optimizer_step,
-    param_groups,
     resolved_config_dict,
-    restore_states,
     schedule_steps,
+    start_or_resume,
     weights_digest,
 )
 from sasa_bench.train.recipes import TrainConfig
@@ -194,35 +191,15 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
                 m.momentum = cfg.bn_momentum
     model.to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias), lr=cfg.peak_lr(),
-                          momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    lr_lambda = WarmupCosine(warmup_steps, total_steps, cfg.schedule)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    opt, sched, scaler, ema, lr_lambda = make_optimisation(model, cfg, env, warmup_steps, total_steps)
 
     ckpt_path = out_dir / ckpt.NAME
     cfg_dict = cfg.to_dict()
-    global_step, epoch, step_in_epoch, prior_wall = 0, 0, 0, 0.0
-    loss_sum, loss_n, epoch_time = 0.0, 0, 0.0
-    rows: list[dict[str, Any]] = []
-    best_map: float | None = None
-    history: list[dict[str, Any]] = []
-    src = ckpt.resolve_resume(str(resume) if resume is not None else None, out_dir)
-    if src is not None:
-        state = ckpt.load(src)
-        changes = ckpt.check_compatible(state, spec.to_dict(), cfg_dict, src, RESUME_NEUTRAL, resume_override)
-        history = list(state.get("config_history", []))
-        ema = restore_states(state, src, changes, cfg, (model, opt, sched, scaler, ema), lr_lambda)
-        if changes:
-            history.append({"at_step": state["position"]["global_step"], "changed": {k: list(v) for k, v in changes.items()}})
-        pos = state["position"]
-        global_step, epoch, step_in_epoch = pos["global_step"], pos["epoch"], pos["step_in_epoch"]
-        loss_sum, loss_n, epoch_time = pos["loss_sum"], pos["loss_n"], pos["epoch_time"]
-        prior_wall = state.get("wall_s", 0.0)
-        rows = list(state.get("metrics", []))
-        best_map = state.get("best_map")
-        ckpt.set_rng_state(state["rng"])
+    at, ema = start_or_resume(resume, out_dir, spec, cfg, resume_override, (model, opt, sched, scaler, ema),
+                              lr_lambda, "best_map")
+    global_step, epoch, step_in_epoch, prior_wall = at.global_step, at.epoch, at.step_in_epoch, at.prior_wall
+    loss_sum, loss_n, epoch_time = at.loss_sum, at.loss_n, at.epoch_time
+    rows, history, best_map, src = at.rows, at.history, at.best, at.src
 
     train_model = D.wrap_model(model, env, cfg.sync_bn and env.enabled)
     if env.is_main:

@@ -17,6 +17,7 @@ import io
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +318,64 @@ def restore_states(state: dict[str, Any], src: Path, changes: dict, cfg: TrainCo
     return ema
 
 
+def make_optimisation(model: nn.Module, cfg: TrainConfig, env: D.DistEnv, warmup_steps: int, total_steps: int):
+    """SGD over the parameter groups, the warm-up + cosine schedule, the grad scaler and the EMA:
+    built once here for every training loop. Returns (opt, sched, scaler, ema, lr_lambda)."""
+    opt = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
+        lr=cfg.peak_lr(), momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
+    lr_lambda = WarmupCosine(warmup_steps, total_steps, cfg.schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    return opt, sched, scaler, ema, lr_lambda
+
+
+@dataclass
+class RunPosition:
+    """Where a run stands: zero for a fresh one, else what its checkpoint recorded."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    prior_wall: float = 0.0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    epoch_time: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float | None = None
+    src: Path | None = None
+
+
+def start_or_resume(
+    resume: str | Path | None, out_dir: Path, spec: ModelSpec, cfg: TrainConfig, resume_override: bool,
+    objs: Trainables, lr_lambda: WarmupCosine, best_key: str,
+) -> tuple[RunPosition, EMA | None]:
+    """A fresh position, or the checkpoint's (``resume``): refuses changed settings unless
+    ``resume_override`` (then records them in the config history), loads every state and the
+    RNGs. Returns the position and the EMA (new when an override switched EMA on)."""
+    ema = objs[4]
+    src = ckpt.resolve_resume(str(resume) if resume is not None else None, out_dir)
+    if src is None:
+        return RunPosition(), ema
+    state = ckpt.load(src)
+    changes = ckpt.check_compatible(state, spec.to_dict(), cfg.to_dict(), src, RESUME_NEUTRAL, resume_override)
+    ema = restore_states(state, src, changes, cfg, objs, lr_lambda)
+    pos = state["position"]
+    at = RunPosition(
+        pos["global_step"], pos["epoch"], pos["step_in_epoch"], state.get("wall_s", 0.0),
+        pos["loss_sum"], pos["loss_n"], pos["epoch_time"], list(state.get("metrics", [])),
+        list(state.get("config_history", [])), state.get(best_key), src,
+    )
+    ckpt.set_rng_state(state["rng"])
+    if changes:
+        at.history.append({"at_step": at.global_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "changed": {k: [a, b] for k, (a, b) in changes.items()}})
+    return at, ema
+
+
 def optimizer_step(loss: torch.Tensor, objs: Trainables, cfg: TrainConfig, env: D.DistEnv, ckpt_path: Path, where: str) -> float:
     """Backward (scaled), optional clipping, the step, the schedule and the EMA; returns the loss
     averaged over ranks, after refusing a non-finite one (the last good checkpoint stays)."""
@@ -391,40 +450,17 @@ def _run(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
-        lr=cfg.peak_lr(), momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps, total_steps, cfg.schedule))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    opt, sched, scaler, ema, lr_lambda = make_optimisation(model, cfg, env, warmup_steps, total_steps)
 
     # resume
     out_dir = Path(out_dir)
     ckpt_path = out_dir / ckpt.NAME
     cfg_dict = cfg.to_dict()
-    global_step, epoch, step_in_epoch, prior_wall = 0, 0, 0, 0.0
-    loss_sum, loss_n, epoch_time = 0.0, 0, 0.0
-    rows: list[dict[str, Any]] = []
-    best_top1: float | None = None
-    history: list[dict[str, Any]] = []
-    src = ckpt.resolve_resume(str(resume) if resume is not None else None, out_dir)
-    if src is not None:
-        state = ckpt.load(src)
-        changes = ckpt.check_compatible(state, spec.to_dict(), cfg_dict, src, RESUME_NEUTRAL, resume_override)
-        history = list(state.get("config_history", []))
-        ema = restore_states(state, src, changes, cfg, (model, opt, sched, scaler, ema),
-                             WarmupCosine(warmup_steps, total_steps, cfg.schedule))
-        pos = state["position"]
-        global_step, epoch, step_in_epoch = pos["global_step"], pos["epoch"], pos["step_in_epoch"]
-        loss_sum, loss_n, epoch_time = pos["loss_sum"], pos["loss_n"], pos["epoch_time"]
-        prior_wall = state.get("wall_s", 0.0)
-        rows = list(state.get("metrics", []))
-        best_top1 = state.get("best_top1")
-        ckpt.set_rng_state(state["rng"])
-        if changes:
-            history.append({"at_step": global_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                            "changed": {k: [a, b] for k, (a, b) in changes.items()}})
+    at, ema = start_or_resume(resume, out_dir, spec, cfg, resume_override, (model, opt, sched, scaler, ema),
+                              lr_lambda, "best_top1")
+    global_step, epoch, step_in_epoch, prior_wall = at.global_step, at.epoch, at.step_in_epoch, at.prior_wall
+    loss_sum, loss_n, epoch_time = at.loss_sum, at.loss_n, at.epoch_time
+    rows, history, best_top1, src = at.rows, at.history, at.best, at.src
 
     train_model: nn.Module = D.wrap_model(model, env, cfg.sync_bn)
     if cfg.compile:
