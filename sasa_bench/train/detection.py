@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from sasa_bench.errors import SasaError
@@ -35,7 +34,7 @@ from sasa_bench.models import build_model
 from sasa_bench.models.detection import SasaRetinaNet, load_backbone
 from sasa_bench.progress import TrainProgress
 from sasa_bench.spec import DETECTION_DEFAULTS, ModelSpec
-from sasa_bench.store import atomic_write_json, atomic_write_text
+from sasa_bench.store import atomic_write_json
 from sasa_bench.train import checkpoint as ckpt
 from sasa_bench.train import distributed as D
 from sasa_bench.train.coco import CocoData, coco_eval
@@ -48,10 +47,10 @@ from sasa_bench.train.loop import (
     checkpoint_payload,
     make_optimisation,
     optimizer_step,
-    resolved_config_dict,
     schedule_steps,
     start_or_resume,
     weights_digest,
+    write_run_config,
 )
 from sasa_bench.train.recipes import TrainConfig
 
@@ -202,15 +201,8 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
     rows, history, best_map, src = at.rows, at.history, at.best, at.src
 
     train_model = D.wrap_model(model, env, cfg.sync_bn and env.enabled)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = resolved_config_dict(spec, cfg)
-        saved["task"] = "detection"
-        saved["backbone_checkpoint"] = str(backbone_ckpt) if backbone_ckpt else None
-        if history:
-            saved["config_history"] = history
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    D.barrier(env)
+    write_run_config(out_dir, spec, cfg, history, env,
+                     {"task": "detection", "backbone_checkpoint": str(backbone_ckpt) if backbone_ckpt else None})
 
     def save_checkpoint(ep: int, sie: int) -> None:
         if not env.is_main:

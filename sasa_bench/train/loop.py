@@ -318,6 +318,22 @@ def restore_states(state: dict[str, Any], src: Path, changes: dict, cfg: TrainCo
     return ema
 
 
+def write_run_config(
+    out_dir: Path, spec: ModelSpec, cfg: TrainConfig, history: list[dict[str, Any]], env: D.DistEnv,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """``out_dir/config.yaml`` (rank 0; every rank waits): the resolved config, reusable with
+    ``--config``, plus ``extra`` fields and, after ``--resume-override``, what changed at which
+    step (``config_history``, which read_config_file ignores)."""
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved = {**resolved_config_dict(spec, cfg), **(extra or {})}
+        if history:
+            saved["config_history"] = history
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    D.barrier(env)
+
+
 def make_optimisation(model: nn.Module, cfg: TrainConfig, env: D.DistEnv, warmup_steps: int, total_steps: int):
     """SGD over the parameter groups, the warm-up + cosine schedule, the grad scaler and the EMA:
     built once here for every training loop. Returns (opt, sched, scaler, ema, lr_lambda)."""
@@ -466,13 +482,7 @@ def _run(
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = resolved_config_dict(spec, cfg)
-        if history:  # --resume-override: what changed, at which step (read_config_file ignores it)
-            saved["config_history"] = history
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    D.barrier(env)
+    write_run_config(out_dir, spec, cfg, history, env)
 
     def save_checkpoint(ep: int, sie: int) -> None:
         if not env.is_main:
