@@ -23,9 +23,9 @@ from typing import Any
 import pandas as pd
 
 from sasa_bench.report import stats
-from sasa_bench.results import family_of, load_with_problems
+from sasa_bench.results import family_of, frame
 from sasa_bench.spec import make_spec
-from sasa_bench.store import Problem
+from sasa_bench.store import Problem, scan
 from sasa_bench.studies.expand import expand
 from sasa_bench.studies.spec import Study, find_studies, load_study
 
@@ -142,7 +142,9 @@ def build_report_tables(
     """Every known study's table (in name order, empty when it has no results), then any study
     that has results but no study file; and every result file that could not be used.
     ``exclude``: paths of files judged stale elsewhere (``studies.check``), left out of the tables."""
-    df, problems = load_with_problems(Path(results_dir))
+    records, problems = scan(Path(results_dir))  # each file read and validated once
+    by_path = {r["_path"]: r for r in records}
+    df = frame(records)
     if exclude and len(df):
         df = df[~df["path"].isin({str(p) for p in exclude})]
     known = find_studies(studies_dir)
@@ -153,27 +155,14 @@ def build_report_tables(
         by_study = {str(name): g for name, g in studies.groupby("study", sort=True)}
     tables = []
     for name, path in known.items():
-        tables.append(study_table(load_study(path), by_study.get(name, df.iloc[0:0]), name))
+        tables.append(study_table(load_study(path), by_study.get(name, df.iloc[0:0]), name, by_path))
     for name in sorted(set(by_study) - set(known)):
-        tables.append(study_table(None, by_study[name], name))
+        tables.append(study_table(None, by_study[name], name, by_path))
     return Tables(tables, problems)
 
 
 def build_tables(results_dir: Path, studies_dir: Path | None = None, exclude: set[str] | None = None) -> list[StudyTable]:
     return build_report_tables(results_dir, studies_dir, exclude).tables
-
-
-def _records(g: pd.DataFrame) -> list[dict[str, Any]]:
-    """The frame's rows back as nested result records (for provenance and figures)."""
-    from sasa_bench.store import read_record
-
-    out = []
-    for path in g["path"]:
-        rec, _ = read_record(Path(path))
-        if rec is not None:
-            rec["_path"] = path
-            out.append(rec)
-    return out
 
 
 def base_variant(study: Study | None, variant_specs: dict[str, dict[str, Any]]) -> str | None:
@@ -197,8 +186,10 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def study_table(study: Study | None, g: pd.DataFrame, name: str) -> StudyTable:
-    records = _records(g) if len(g) else []
+def study_table(study: Study | None, g: pd.DataFrame, name: str, records_by_path: dict[str, dict[str, Any]]) -> StudyTable:
+    """One study's table from its rows of the frame ``g`` (and the nested records behind them,
+    for provenance and figures)."""
+    records = [records_by_path[p] for p in g["path"]] if len(g) else []
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
