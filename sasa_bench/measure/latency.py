@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from sasa_bench.errors import SasaError
-from sasa_bench.hardware import resolve_precision
+from sasa_bench.hardware import AUTOCAST_DTYPES, resolve_precision
 from sasa_bench.kernels.registry import backend_that_runs, kernel_facts
 from sasa_bench.measure.flops import FlopCount, count_flops
 from sasa_bench.measure.memory import PeakMemory, peak_memory
 from sasa_bench.spec import ModelSpec
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = AUTOCAST_DTYPES  # the one precision table (hardware.py)
 MODES = ("inference", "train")
 # Defaults when warmup/iters are None: a reference-backend SASA-ResNet-50 takes ~10 s per batch of
 # 8 on a small CPU, so CPU runs stay short; GPU steps take milliseconds, so take more (as timm).

@@ -58,7 +58,7 @@ from sasa_bench.measure.memory import peak_memory
 
 # ResNet-50's four bottleneck stages: (width, feature-map side) at 224² input.
 STAGES: dict[int, tuple[int, int]] = {1: (64, 56), 2: (128, 28), 3: (256, 14), 4: (512, 7)}
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[str, torch.dtype] = hardware.DTYPES  # the one precision table
 CONV = "conv3x3"
 STEPS = ("fwd", "fwdbwd")
 
