@@ -306,6 +306,65 @@ def test_isa_variant_matches_reference(isa, dtype):  # noqa: ANN001
         _assert_close([out, *(g for g in grads if g is not None)], want, 1e-4 if dtype == torch.float32 else 1e-10)
 
 
+def _stem_reference(x, w, rel, vmap, heads):  # noqa: ANN001, ANN202
+    """Block attention of the stem, written independently of the layer and the kernel:
+    x [B,Ci,H,W], w [16 (position), O, Ci] (q, k and, without vmap, v rows), rel [16 (query),
+    16 (key), D], vmap [B,C,H,W] or None -> [B,C,H,W]."""
+    import torch.nn.functional as F
+
+    b, ci, h, wd = x.shape
+    hb, wb, d = h // 4, wd // 4, rel.shape[-1]
+    c = d * heads
+    proj = torch.einsum("bcpyz,poc->bopyz", F.pixel_unshuffle(x, 4).view(b, ci, 16, hb, wb), w)
+    v = proj[:, 2 * c :] if vmap is None else F.pixel_unshuffle(vmap, 4).view(b, c, 16, hb, wb)
+    q, k, v = (t.reshape(b, heads, d, 16, hb, wb) for t in (proj[:, :c], proj[:, c : 2 * c], v))
+    logits = torch.einsum("bndpyz,bndjyz->bnpjyz", q, k) + torch.einsum("bndpyz,pjd->bnpjyz", q, rel)
+    out = torch.einsum("bnpjyz,bndjyz->bndpyz", torch.softmax(logits, dim=3), v)
+    return F.pixel_shuffle(out.reshape(b, c * 16, hb, wb), 4)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("with_vmap", [False, True], ids=["mixture-values", "value-map"])
+def test_isa_variant_stem_matches_reference(isa, dtype, with_vmap):  # noqa: ANN001
+    """Each ISA build of the stem kernel (16-position rows as 1, 2 or 4 registers; block loads
+    and stores by shuffles) against an independent float64 formulation: forward, the pooled
+    inference forward (BN affine + 4x4 max-pool), and every gradient."""
+    from sasa_bench.kernels import cpp_build, stem_cpu
+
+    module = cpp_build.load(isa)
+    assert module is not None, cpp_build.extension(isa).failed
+    torch.manual_seed(0)
+    b, ci, h, wd, heads, d = 2, 3, 8, 12, 2, 6
+    c = heads * d
+    x = torch.randn(b, ci, h, wd, dtype=torch.float64, requires_grad=True)
+    qk = torch.randn(1, 2 * c, ci, dtype=torch.float64).expand(16, -1, -1)  # position-independent q, k
+    vrows = [] if with_vmap else [torch.randn(16, c, ci, dtype=torch.float64)]
+    w = torch.cat([qk, *vrows], dim=1).requires_grad_()
+    rel = torch.randn(16, 16, d, dtype=torch.float64, requires_grad=True)
+    vmap = torch.randn(b, c, h, wd, dtype=torch.float64, requires_grad=True) if with_vmap else None
+    gy = torch.randn(b, c, h, wd, dtype=torch.float64)
+    want = _stem_reference(x, w, rel, vmap, heads)
+    leaves = [x, w, rel] + ([vmap] if with_vmap else [])
+    want_grads = torch.autograd.grad(want, leaves, gy)
+    scale, shift = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    want_pooled = torch.nn.functional.max_pool2d(want * scale[:, None, None] + shift[:, None, None], 4)
+
+    def cast(t):  # noqa: ANN001, ANN202
+        return t.detach().to(dtype).contiguous()
+
+    xt, wt, rt = cast(x), cast(w.permute(1, 2, 0)), cast(rel.permute(1, 2, 0))  # kernel layouts
+    e = xt.new_empty(0)
+    vt = cast(vmap) if with_vmap else e
+    folded = stem_cpu._folded(wt, rt, heads)
+    y = module.stem_forward(xt, *folded, vt, heads, c, e, e)
+    pooled = module.stem_forward(xt, *folded, vt, heads, c, cast(scale), cast(shift))
+    gx, gw, gr, gv = module.stem_backward(xt, wt, rt, vt, cast(gy), heads)
+    got = [y, pooled, gx, gw.permute(2, 0, 1), gr.permute(2, 0, 1)] + ([gv] if with_vmap else [])
+    ref = [want, want_pooled, *want_grads]
+    _assert_close(got, [t.detach() for t in ref], 1e-4 if dtype == torch.float32 else 1e-10)
+
+
 def test_kernel_input_checks():
     """Every C++ entry point rejects malformed inputs with a clear error, not a crash."""
     from sasa_bench.kernels import cpp_build

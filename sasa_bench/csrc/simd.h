@@ -167,5 +167,110 @@ static inline vec<T, L> vexp(vec<T, L> x) {
   }
 }
 
+// wvec<T, N>: N lanes of T held as N / NL native registers (NL = the ISA's natural width for T),
+// for kernels whose rows have a fixed width that is not the ISA's (the stem's 16 query
+// positions). A plain vec<T, 16> is one zmm on AVX-512, but without AVX-512 GCC has no machine
+// mode for a 64-byte vector and keeps every such value in memory (measured: the stem 4-6x slower
+// on AVX2); an array of native vectors stays in registers on every ISA.
+template <typename T>
+constexpr int native_lanes() {
+  return kLanes * 4 / static_cast<int>(sizeof(T));
+}
+template <typename T, int N>
+struct wvec {
+  static constexpr int NL = native_lanes<T>() < N ? native_lanes<T>() : N;
+  static constexpr int NV = N / NL;
+  static_assert(N % NL == 0, "width must be a multiple of the native width");
+  using R = vec<T, NL>;
+  R r[NV];
+
+  // Lane i, read from memory: the rows indexed by a loop variable live in arrays, and an
+  // element of a register value would be a store + reload through the stack.
+  T operator[](int i) const {
+    T x;
+    std::memcpy(&x, reinterpret_cast<const char*>(this) + i * sizeof(T), sizeof(T));
+    return x;
+  }
+  // Loads and stores register by register (a memcpy of the whole struct is lowered to 16-byte
+  // moves through the stack, and the register reload then stalls on store forwarding).
+  static inline wvec load(const T* p) {
+    wvec o;
+    for (int k = 0; k < NV; ++k) o.r[k] = ld<R>(p + k * NL);
+    return o;
+  }
+  inline void store(T* p) const {
+    for (int k = 0; k < NV; ++k) st(p + k * NL, r[k]);
+  }
+  static inline wvec splat(T x) {
+    wvec o;
+    for (int k = 0; k < NV; ++k) o.r[k] = R{} + x;
+    return o;
+  }
+#define SASA_WVEC_OP(op)                                    \
+  friend inline wvec operator op(wvec a, const wvec& b) {   \
+    for (int k = 0; k < NV; ++k) a.r[k] = a.r[k] op b.r[k]; \
+    return a;                                               \
+  }                                                         \
+  friend inline wvec operator op(wvec a, T b) {             \
+    for (int k = 0; k < NV; ++k) a.r[k] = a.r[k] op b;      \
+    return a;                                               \
+  }                                                         \
+  friend inline wvec operator op(T a, wvec b) {             \
+    for (int k = 0; k < NV; ++k) b.r[k] = a op b.r[k];      \
+    return b;                                               \
+  }                                                         \
+  inline wvec& operator op## = (const wvec& b) {            \
+    for (int k = 0; k < NV; ++k) r[k] = r[k] op b.r[k];     \
+    return *this;                                           \
+  }                                                         \
+  inline wvec& operator op## = (T b) {                      \
+    for (int k = 0; k < NV; ++k) r[k] = r[k] op b;          \
+    return *this;                                           \
+  }
+  SASA_WVEC_OP(+)
+  SASA_WVEC_OP(-)
+  SASA_WVEC_OP(*)
+  SASA_WVEC_OP(/)
+#undef SASA_WVEC_OP
+};
+
+template <typename T, int N>
+static inline wvec<T, N> vmax(wvec<T, N> a, const wvec<T, N>& b) {
+  for (int k = 0; k < wvec<T, N>::NV; ++k) a.r[k] = vmax(a.r[k], b.r[k]);
+  return a;
+}
+template <typename T, int N>
+static inline wvec<T, N> vexp(wvec<T, N> a) {
+  for (int k = 0; k < wvec<T, N>::NV; ++k) a.r[k] = vexp<T, wvec<T, N>::NL>(a.r[k]);
+  return a;
+}
+// Horizontal max of all N lanes: across the registers, then a shuffle tree inside one.
+template <typename T, int N>
+static inline T hmax(const wvec<T, N>& a) {
+  using W = wvec<T, N>;
+  typename W::R v = a.r[0];
+  for (int k = 1; k < W::NV; ++k) v = vmax(v, a.r[k]);
+  if constexpr (W::NL == 16) {
+    v = vmax(v,
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = vmax(v,
+             __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = vmax(v,
+             __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = vmax(v,
+             __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  } else if constexpr (W::NL == 8) {
+    v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+  } else if constexpr (W::NL == 4) {
+    v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+    v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+  } else if constexpr (W::NL == 2) {
+    v = vmax(v, __builtin_shufflevector(v, v, 1, 0));
+  }
+  return v[0];
+}
+
 }  // namespace simd
 }  // namespace sasa

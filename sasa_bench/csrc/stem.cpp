@@ -24,28 +24,75 @@ namespace {
 //   Scratch rows are 16-lane vectors over p: x [Ci], proj [3C], P [16(j)] (softmax over j, per lane
 //   p).
 
-// Every row is one 16-lane vector over the 16 query positions of a block (one AVX-512
-// register in fp32, two on AVX2, four on the portable path): simd.h's vec<T, 16>.
+// Every row is one 16-lane vector over the 16 query positions of a block: simd.h's wvec<T, 16>
+// (one AVX-512 register in fp32, two on AVX2, four on the portable path; always in registers).
 template <typename T>
-using vec16 = sasa::simd::vec<T, 16>;
+using vec16 = sasa::simd::wvec<T, 16>;
 
 template <typename T>
 static inline vec16<T> vld(const T* p) {
-  return sasa::simd::ld<vec16<T>>(p);
+  return vec16<T>::load(p);
 }
 // The 4x4 block at plane + (row 0, col 0) of a map with row stride Wd, as one vector (row-major
-// positions), and back.
+// positions), and back: four 4-lane row loads joined by shuffles in registers (writing them to a
+// buffer and reloading it as one vector would stall store-to-load forwarding on every block).
 template <typename T>
 static inline vec16<T> load_block(const T* plane, int64_t Wd) {
-  vec16<T> v;
-  for (int a = 0; a < 4; ++a)
-    std::memcpy(reinterpret_cast<T*>(&v) + a * 4, plane + a * Wd, 4 * sizeof(T));
-  return v;
+  using W = vec16<T>;
+  using Q = sasa::simd::vec<T, 4>;
+  using sasa::simd::ld;
+  W o;
+  if constexpr (W::NL < 4) {  // rows wider than a register (fp64 on the portable path)
+    for (int a = 0; a < 4; ++a)
+      for (int h = 0; h < 4 / W::NL; ++h)
+        o.r[a * (4 / W::NL) + h] = ld<typename W::R>(plane + a * Wd + h * W::NL);
+  } else {
+    Q q[4];
+    for (int a = 0; a < 4; ++a) q[a] = ld<Q>(plane + a * Wd);
+    if constexpr (W::NL == 4) {
+      for (int a = 0; a < 4; ++a) o.r[a] = q[a];
+    } else {
+      auto lo = __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 4, 5, 6, 7);
+      auto hi = __builtin_shufflevector(q[2], q[3], 0, 1, 2, 3, 4, 5, 6, 7);
+      if constexpr (W::NL == 8) {
+        o.r[0] = lo;
+        o.r[1] = hi;
+      } else {
+        o.r[0] =
+            __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      }
+    }
+  }
+  return o;
 }
 template <typename T>
-static inline void store_block(T* plane, int64_t Wd, vec16<T> v) {
-  for (int a = 0; a < 4; ++a)
-    std::memcpy(plane + a * Wd, reinterpret_cast<T*>(&v) + a * 4, 4 * sizeof(T));
+static inline void store_block(T* plane, int64_t Wd, const vec16<T>& v) {
+  using W = vec16<T>;
+  using Q = sasa::simd::vec<T, 4>;
+  using sasa::simd::st;
+  if constexpr (W::NL < 4) {
+    for (int a = 0; a < 4; ++a)
+      for (int h = 0; h < 4 / W::NL; ++h) st(plane + a * Wd + h * W::NL, v.r[a * (4 / W::NL) + h]);
+  } else {
+    Q q[4];
+    if constexpr (W::NL == 4) {
+      for (int a = 0; a < 4; ++a) q[a] = v.r[a];
+    } else {
+      sasa::simd::vec<T, 8> lo, hi;
+      if constexpr (W::NL == 8) {
+        lo = v.r[0];
+        hi = v.r[1];
+      } else {
+        lo = __builtin_shufflevector(v.r[0], v.r[0], 0, 1, 2, 3, 4, 5, 6, 7);
+        hi = __builtin_shufflevector(v.r[0], v.r[0], 8, 9, 10, 11, 12, 13, 14, 15);
+      }
+      q[0] = __builtin_shufflevector(lo, lo, 0, 1, 2, 3);
+      q[1] = __builtin_shufflevector(lo, lo, 4, 5, 6, 7);
+      q[2] = __builtin_shufflevector(hi, hi, 0, 1, 2, 3);
+      q[3] = __builtin_shufflevector(hi, hi, 4, 5, 6, 7);
+    }
+    for (int a = 0; a < 4; ++a) st(plane + a * Wd, q[a]);
+  }
 }
 // out[o] = sum_c W[o][c] * x[c] for ``rows`` rows of per-position weights W [rows, Ci, 16]
 template <typename T>
@@ -58,35 +105,25 @@ static inline void project(const T* W, int64_t rows, int64_t Ci, const vec16<T>*
 }
 template <typename T>
 static inline vec16<T> vsplat(T x) {
-  return sasa::simd::splat<T, 16>(x);
+  return vec16<T>::splat(x);
 }
 using sasa::simd::vmax;
-static inline vec16<float> vexp16(vec16<float> v) {
-  return sasa::simd::vexp<float, 16>(v);
-}
-static inline vec16<double> vexp16(vec16<double> v) {
-  return sasa::simd::vexp<double, 16>(v);
+template <typename T>
+static inline vec16<T> vexp16(const vec16<T>& v) {
+  return sasa::simd::vexp(v);
 }
 // P[j] <- softmax over j of the logit rows P[0..15], lane by lane (per query position p)
 template <typename V>
 static inline void softmax16(V* P) {
   V mx = P[0];
   for (int j = 1; j < 16; ++j) mx = vmax(mx, P[j]);
-  V sum = P[0] - P[0];
+  V sum = V::splat(0);
   for (int j = 0; j < 16; ++j) {
     P[j] = vexp16(P[j] - mx);
     sum += P[j];
   }
   const V inv = 1 / sum;
   for (int j = 0; j < 16; ++j) P[j] *= inv;
-}
-template <typename V>
-static inline auto hmax16(V v) {  // horizontal max, a shuffle tree
-  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
-  return v[0];
 }
 
 // Forward with the logits folded through the input (C_in = 3 for an RGB stem): per head h,
@@ -142,7 +179,7 @@ static void fwd_impl(const T* x, const T* Wv, const T* A, const T* G, const T* v
           V acc = P[0] * vh[0];
           for (int j = 1; j < 16; ++j) acc += P[j] * vh[j];
           if (pooled) {
-            y[(b * C + ch) * hb * wb + r] = hmax16(acc * bn_scale[ch] + bn_shift[ch]);
+            y[(b * C + ch) * hb * wb + r] = sasa::simd::hmax(acc * bn_scale[ch] + bn_shift[ch]);
             continue;
           }
           store_block(y + (b * C + ch) * HW + base, Wd, acc);
