@@ -467,3 +467,22 @@ def test_inference_weight_cache_follows_weight_changes() -> None:
         y1 = layer(x)
     assert not torch.allclose(y0, y1)
     torch.testing.assert_close(y1, layer(x).detach())  # the autograd path (no cache) agrees
+
+
+@pytest.mark.parametrize("hw", [(24, 24), (7, 9)], ids=["bmm-per-image", "folded-matmul"])
+def test_cpu_projection_paths_match_the_conv(hw: tuple[int, int]) -> None:
+    """The CPU projection's matrix products (one GEMM per image on large maps, one folded GEMM on
+    small ones) compute the 1x1 conv: same output and gradients as the conv2d path, which a
+    channels-last input takes."""
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(8, 16, kernel_size=3, heads=2, backend="reference").double()
+    x = torch.randn(2, 8, *hw, dtype=torch.float64)
+    outs = []
+    for inp in (x.clone(), x.to(memory_format=torch.channels_last)):
+        inp.requires_grad_(True)
+        y = layer(inp)
+        g = torch.autograd.grad(y, [inp, *layer.parameters()], torch.ones_like(y))
+        outs.append([y, *g])
+    assert layer.query.weight.grad is None
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
