@@ -48,6 +48,25 @@ def cpu_model() -> str:
     return _cpuinfo()[0]
 
 
+def cpu_id() -> str:
+    """Family / model / stepping from /proc/cpuinfo (e.g. "family 25 model 17 stepping 1", a Zen 4):
+    cloud VMs often report only "AMD EPYC", which names neither the generation nor its ISA."""
+    want = ("cpu family", "model", "stepping")
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip().lower()
+                if key in want and key not in found:
+                    found[key] = val.strip()
+                if len(found) == len(want):
+                    break
+    except OSError:
+        pass
+    return " ".join(f"{k.replace('cpu ', '')} {found[k]}" for k in want if k in found) or "unknown"
+
+
 def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 
@@ -164,6 +183,7 @@ def host_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         gpu = torch.cuda.get_device_name(device)
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_isa": aten_capability(),
         "native_bf16": native_bf16(device),
         "gpu": gpu,

@@ -9,7 +9,7 @@ affine and the 4x4 max-pool into ``[B, C, H/4, W/4]`` (the blocks are the pool's
 The forward never forms q or k: with C_in = 3 input channels, ``q_p . k_j = x_p^T (W_Q^T W_K) x_j``
 and ``q_p . R[p, j] = x_p . (W_Q^T R[p, j])``, so a logit costs 2 C_in multiply-adds instead of
 2 D (the algebra is exact; the rounding differs from the direct form by ~1e-7 relative). Every inner loop runs along
-the 16 query positions of the block (one AVX-512 vector of fp32), the softmax included (a
+the 16 query positions of the block (simd.h's wvec: 1, 2 or 4 registers by ISA), the softmax included (a
 vectorisable Cephes-style ``expf``, ~1 ulp; fp64 uses ``std::exp``).
 Backward recomputes the block (cheap: 16x16 per head) and writes ``dx`` (and ``dv`` for a value
 map); the weight and relative-table gradients are reduced over per-thread accumulators.
