@@ -101,11 +101,23 @@ def meta_count(spec: ModelSpec) -> tuple[int, float | None]:
         return count_params(model), None
 
 
-def models(fmt: FormatOpt = "table") -> None:
+# `models --timm PATTERN` counts at most this many matches (each builds a model: ~1 s); more are
+# listed by name and input size only.
+TIMM_COUNT_LIMIT = 40
+
+
+def models(
+    fmt: FormatOpt = "table",
+    timm: Annotated[str | None, typer.Option("--timm", help="List timm's models matching this pattern (e.g. 'halonet*', '*botnet*'), usable as timm:NAME; needs sasa-bench[timm].", show_default=False)] = None,
+) -> None:
     """List the presets with their params and GFLOPS (224x224, 1000 classes; detectors 640x640).
 
-    Counted on PyTorch's meta device (shapes only): seconds for every preset."""
+    Counted on PyTorch's meta device (shapes only): seconds for every preset. With --timm, timm's
+    models instead, each at its default input size."""
     check_format(fmt)
+    if timm is not None:
+        _timm_models(timm, fmt)
+        return
     rows = []
     with err_console.status("counting FLOPs…"):
         for spec in PRESETS.values():
@@ -121,3 +133,33 @@ def models(fmt: FormatOpt = "table") -> None:
         title="Presets",
         headers={"params_m": "params (M)", "gflops": "GFLOPS", "attention_groups": "attention groups"},
     )
+
+
+def _timm_models(pattern: str, fmt: str) -> None:
+    """`models --timm PATTERN`: timm's names (as timm:NAME), input size, crop, params, GFLOPS."""
+    from sasa_bench.models.timm_models import list_timm_models, pretrained_cfg
+    from sasa_bench.spec import make_spec
+
+    names = list_timm_models(pattern)
+    if not names:
+        raise SasaError(f"no timm model matches {pattern!r} (patterns are shell-style: 'halonet*', '*botnet*')")
+    count = len(names) <= TIMM_COUNT_LIMIT
+    if not count:
+        err_console.print(f"{len(names)} models match: not counting them (at most {TIMM_COUNT_LIMIT}; narrow the pattern)")
+    rows = []
+    with step_progress("counting timm models…") as progress:
+        for i, name in enumerate(names):
+            progress(f"counting timm:{name}", i, len(names))
+            cfg = pretrained_cfg(name)
+            r = {"model": f"timm:{name}", "image_size": int((cfg.get("input_size") or (3, 224, 224))[-1]),
+                 "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),
+                 "params": None, "params_m": None, "gflops": None}
+            if count:
+                n, gflops = meta_count(make_spec(f"timm:{name}"))
+                r.update(params=n, params_m=n / 1e6, gflops=gflops)
+            rows.append(r)
+        progress("counted", len(names), len(names))
+    emit(rows, fmt, ["model", "image_size", "crop_pct", "interpolation", "params_m", "gflops"] if fmt != "json" else None,
+         title=f"timm models matching {pattern!r}",
+         headers={"params_m": "params (M)", "gflops": "GFLOPS", "image_size": "input", "crop_pct": "crop"},
+         digits={"params_m": 2, "gflops": 2})

@@ -25,7 +25,7 @@ CSV_COLUMNS = [
     "vs_images_per_s", "vs_peak_mem_mb", "vs_params", "vs_gflops", "vs_compile_s", "time_ratio",
     "time_ratio_min", "time_ratio_max", "throughput_ratio", "device", "device_name", "torch", "threads",
     "precision", "mode", "channels_last", "compile", "warmup", "iters", "batch_size",
-    "batch_size_requested", "image_size", "num_classes",
+    "batch_size_requested", "image_size", "vs_image_size", "num_classes",
 ]  # fmt: skip
 
 
@@ -108,6 +108,8 @@ def latency(
         cols.append("compile_s")
     if any(r["vs_model"] for r in rows):
         cols += ["time_ratio", "throughput_ratio"]
+    if any(r.get("vs_image_size") not in (None, r["image_size"]) for r in rows):
+        cols.append("image_size")  # e.g. a timm baseline at its own input size
     if any(r["batch_size"] != r["batch_size_requested"] for r in rows):
         cols.append("batch_size")
     headers = {
@@ -122,6 +124,7 @@ def latency(
         "time_ratio": "time ×base",
         "throughput_ratio": "throughput ×base",
         "batch_size": "batch",
+        "image_size": "input",
     }
     digits = {"median_ms": 1, "min_ms": 1, "max_ms": 1, "images_per_s": 2, "peak_mem_mb": 1, "params_m": 2, "gflops": 2, "compile_s": 1, "time_ratio": 2, "throughput_ratio": 2}
     emit(_table_rows(rows), fmt, cols, title=title, headers=headers, digits=digits)

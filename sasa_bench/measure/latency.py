@@ -395,6 +395,7 @@ def measure_latency(
                 batch_size=batch_size,
                 batch_size_requested=opts.batch_size,
                 image_size=spec.image_size,
+                vs_image_size=vs.image_size if vs is not None else None,  # timm baselines keep their own
                 num_classes=spec.num_classes,
                 spec=spec.to_dict(),
                 vs_spec=vs.to_dict() if vs is not None else None,
