@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sasa_bench.choices import Choice, Stem
 from sasa_bench.errors import SasaError, check_types
 from sasa_bench.layers.attention import check_attention_args
-from sasa_bench.layers.stems import STEM_CHOICES
 
 # Bottleneck blocks per residual group (the paper's ResNet-26/38/50, plus torchvision's 101).
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -52,7 +52,7 @@ class ModelSpec:
 
     name: str = "custom"
     depth: int = 50
-    stem: str = "conv"
+    stem: str = "conv"  # choices.Stem (as are pos, logits, border, scale below: choices.*)
     attention_groups: tuple[int, ...] = (1, 2, 3, 4)
     kernel_size: int = 7
     heads: int = 8
@@ -77,6 +77,10 @@ class ModelSpec:
     timm: str = ""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # Choice members (Pos.ABSOLUTE...) are stored as their strings
+            v = getattr(self, f.name)
+            if isinstance(v, Choice):
+                object.__setattr__(self, f.name, v.value)
         validate(self)
 
     @property
@@ -150,8 +154,7 @@ def validate(spec: ModelSpec) -> None:
         return
     if spec.depth not in DEPTHS:
         raise SasaError(f"unknown depth {spec.depth} (choose from {', '.join(map(str, DEPTHS))})")
-    if spec.stem not in STEM_CHOICES:
-        raise SasaError(f"unknown stem {spec.stem!r} (choose from {', '.join(STEM_CHOICES)})")
+    Stem.check(spec.stem, "stem")
     if not isinstance(spec.attention_groups, tuple) or any(
         g not in (1, 2, 3, 4) for g in spec.attention_groups
     ):

@@ -4,15 +4,14 @@ from typing import Annotated
 
 import typer
 
-from sasa_bench.cli.options import ModelOptions, model_options
+from sasa_bench.choices import Format
+from sasa_bench.cli.options import FormatOpt, ModelOptions, model_options
 from sasa_bench.cli.output import check_format, emit, err_console, step_progress
 from sasa_bench.errors import SasaError
 from sasa_bench.measure.flops import count_flops, count_params
 from sasa_bench.models import build_model
 from sasa_bench.report.paper import TABLE1, TABLE2, TABLE2_IMAGE_SIZE
 from sasa_bench.spec import PRESETS, TABLE1_MODELS, TABLE2_MODELS, ModelSpec
-
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv")]
 
 
 def flops_row(spec: ModelSpec, paper: bool = False, counter: str = "both") -> dict:
@@ -45,13 +44,13 @@ def flops(
     model_opts: ModelOptions,
     paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 1/2 numbers beside ours; with no --model, that table's models.")] = False,
     table: Annotated[int, typer.Option("--table", help="With --paper and no --model: 1 (ImageNet, 224x224) or 2 (COCO RetinaNet, 640x640, slow: minutes).")] = 1,
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = Format.TABLE,
 ) -> None:
     """Params (M), GMACs and GFLOPS (= 2 x multiply-adds, the paper's convention).
 
     fvcore and torch's FlopCounterMode both count every model and must agree.
     """
-    check_format(fmt)
+    fmt = check_format(fmt)
     if table not in (1, 2):
         raise SasaError(f"--table must be 1 or 2, got {table}")
     specs = model_opts.specs((TABLE1_MODELS if table == 1 else TABLE2_MODELS) if paper else None)
@@ -107,14 +106,14 @@ TIMM_COUNT_LIMIT = 40
 
 
 def models(
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = Format.TABLE,
     timm: Annotated[str | None, typer.Option("--timm", help="List timm's models matching this pattern (e.g. 'halonet*', '*botnet*'), usable as timm:NAME; needs sasa-bench[timm].", show_default=False)] = None,
 ) -> None:
     """List the presets with their params and GFLOPS (224x224, 1000 classes; detectors 640x640).
 
     Counted on PyTorch's meta device (shapes only): seconds for every preset. With --timm, timm's
     models instead, each at its default input size."""
-    check_format(fmt)
+    fmt = check_format(fmt)
     if timm is not None:
         _timm_models(timm, fmt)
         return

@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from sasa_bench.cli.options import SHARED_FIELDS, ModelOptions, model_options
+from sasa_bench.choices import Format, Precision
+from sasa_bench.cli.options import SHARED_FIELDS, FormatOpt, ModelOptions, device_option, model_options
 from sasa_bench.cli.output import check_format, emit, emit_machine, err_console, step_progress
 from sasa_bench.measure.latency import LatencyOptions, measure_latency, result_name
 from sasa_bench.spec import make_spec
 from sasa_bench.store import check_folder, write_result
 
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | json | csv")]
 _PANEL = "Measurement"
 
 # CSV gets the flat fields (not the per-iteration lists or the spec dicts; JSON has everything).
@@ -45,31 +45,31 @@ def _table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @model_options
 def latency(
     model_opts: ModelOptions,
-    device: Annotated[str, typer.Option(help="auto (cuda if available) | cpu | cuda | cuda:N", rich_help_panel=_PANEL)] = "auto",
+    device: Annotated[str, device_option(panel=_PANEL)] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (torch.set_num_threads); recorded either way.", rich_help_panel=_PANEL)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=_PANEL)] = 8,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (torch.autocast) | auto (bf16 only where the device computes it natively).", rich_help_panel=_PANEL)] = "fp32",
+    precision: Annotated[Precision, typer.Option(help="torch.autocast precision; auto = bf16 only where the device computes it natively.", rich_help_panel=_PANEL)] = Precision.FP32,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Model and input in channels_last.", rich_help_panel=_PANEL)] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile; compile time is reported apart (compile_s).", rich_help_panel=_PANEL)] = False,
     mode: Annotated[str, typer.Option(help="inference (forward, inference_mode) | train (forward, backward, SGD step).", rich_help_panel=_PANEL)] = "inference",
     warmup: Annotated[int | None, typer.Option(help="Untimed steps first (default: 2 on CPU, 10 on CUDA).", rich_help_panel=_PANEL)] = None,
     iters: Annotated[int | None, typer.Option(help="Timed steps (default: 5 on CPU, 50 on CUDA).", rich_help_panel=_PANEL)] = None,
-    vs: Annotated[str | None, typer.Option("--vs", help="Baseline preset timed interleaved with each model (A B A B …), e.g. resnet50; gets --width, --image-size, --num-classes and --backend (the other model flags describe the measured model only).", rich_help_panel=_PANEL)] = None,
+    vs: Annotated[str | None, typer.Option("--vs", help="Baseline timed interleaved with each model (A B A B …): a preset (e.g. resnet50) or timm:NAME; gets --width, --image-size, --num-classes and --backend (the other model flags describe the measured model only; a timm baseline takes only --image-size and --num-classes, else its own input size).", rich_help_panel=_PANEL)] = None,
     retry_oom: Annotated[bool, typer.Option("--retry-oom", help="On out-of-memory, halve the batch size and retry.", rich_help_panel=_PANEL)] = False,
     save: Annotated[bool, typer.Option("--save", help="Write one result file per model under RESULTS/latency/.", rich_help_panel=_PANEL)] = False,
     results: Annotated[Path, typer.Option(help="Results folder for --save.", rich_help_panel=_PANEL)] = Path("results"),
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = Format.TABLE,
 ) -> None:
     """Time per batch (median, min, max), images/s and peak memory; with --vs, the ratio to a baseline.
 
     Warm-up is excluded, CUDA is synchronised around every timed step, and with --vs the two models alternate step by step so machine noise cancels in the per-pair ratio.
     """
-    check_format(fmt)
+    fmt = check_format(fmt)
     opts = LatencyOptions(
         device=device,
         threads=threads,
         batch_size=batch_size,
-        precision=precision,
+        precision=precision.value,
         channels_last=channels_last,
         compile=compile_,
         mode=mode,
