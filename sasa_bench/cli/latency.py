@@ -13,6 +13,7 @@ from sasa_bench.choices import Format, Precision
 from sasa_bench.cli.options import SHARED_FIELDS, FormatOpt, ModelOptions, device_option, model_options
 from sasa_bench.cli.output import check_format, emit, emit_machine, err_console, step_progress
 from sasa_bench.measure.latency import LatencyOptions, measure_latency, result_name
+from sasa_bench.models.timm_models import is_timm
 from sasa_bench.spec import make_spec
 from sasa_bench.store import check_folder, write_result
 
@@ -84,7 +85,8 @@ def latency(
     overrides = model_opts.overrides()
     vs_spec = None
     if vs is not None:
-        vs_spec = make_spec(vs, **{k: overrides.get(k) for k in SHARED_FIELDS})
+        shared = [k for k in SHARED_FIELDS if not (is_timm(vs) and k == "width")]  # timm's model has no width
+        vs_spec = make_spec(vs, **{k: overrides.get(k) for k in shared})
 
     with step_progress("preparing…") as progress:
         rows = measure_latency(specs, opts, vs=vs_spec, progress=progress)
