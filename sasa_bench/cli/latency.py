@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sasa_bench.choices import Format, Precision
+from sasa_bench.choices import Format, Precision, plain
 from sasa_bench.cli.options import SHARED_FIELDS, FormatOpt, ModelOptions, device_option, model_options
 from sasa_bench.cli.output import check_format, emit, emit_machine, err_console, step_progress
 from sasa_bench.measure.latency import LatencyOptions, measure_latency, result_name
@@ -70,7 +70,7 @@ def latency(
         device=device,
         threads=threads,
         batch_size=batch_size,
-        precision=precision.value,
+        precision=plain(precision),
         channels_last=channels_last,
         compile=compile_,
         mode=mode,

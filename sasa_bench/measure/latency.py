@@ -266,7 +266,10 @@ def _measure_one(
     return w, ratios
 
 
-def env_info(opts: LatencyOptions, device: torch.device, warmup: int, iters: int) -> dict[str, Any]:
+def run_settings(opts: LatencyOptions, device: torch.device, warmup: int, iters: int) -> dict[str, Any]:
+    """How this measurement ran (device, threads, precision, mode, warm-up, iterations) and the
+    kernel facts (CPU model, PyTorch's ISA, the C++ kernel's ISA). The host's full description
+    for a study result is :func:`sasa_bench.hardware.host_info` (``studies.runner.env_info``)."""
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -356,7 +359,7 @@ def measure_latency(
             else:
                 row.update({k: None for k in _stats_keys("vs_")})
                 row.update(time_ratio=None, time_ratio_min=None, time_ratio_max=None, throughput_ratio=None, pair_ratios=None)
-            row.update(env_info(opts, device, warmup, iters))
+            row.update(run_settings(opts, device, warmup, iters))
             row.update(
                 batch_size=batch_size,
                 batch_size_requested=opts.batch_size,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
-import importlib.machinery
+import importlib.machinery  # noqa: F401 - ModuleSpec in the annotations
 import sys
 import warnings
 from collections.abc import Iterator
@@ -119,7 +119,8 @@ def create_timm_model(name: str, num_classes: int = 1000, image_size: int | None
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
         except (AssertionError, ValueError, TypeError, RuntimeError) as e:
-            raise SasaError(f"timm:{name} cannot be built at {image_size}x{image_size}: {e or type(e).__name__}") from None
+            at = f" at {image_size}x{image_size}" if image_size is not None else ""
+            raise SasaError(f"timm:{name} cannot be built{at}: {e or type(e).__name__}") from None
 
 
 @contextmanager
@@ -240,9 +241,14 @@ class _TimmHook(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != "timm":
             return None
-        sys.meta_path.remove(self)  # one shot; the real finders locate timm
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        sys.meta_path.remove(self)  # one shot; the other finders (site-packages, editable installs) locate timm
+        spec = None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
         exec_module = loader.exec_module

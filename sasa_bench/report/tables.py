@@ -341,12 +341,16 @@ def _f(x: Any, digits: int = 2, signed: bool = False) -> str:
 
 def columns(t: StudyTable) -> list[tuple[str, str]]:
     """(key, header) of the table, in order."""
+    peers = any((r.get("spec") or {}).get("timm") for r in t.rows)  # timm models: cost only, not in the paper
     cols = [("label", "variant"), ("model", "model")]
-    cols += [("params_m", "params (M)"), ("paper_params_m", "paper params (M)"), ("d_params_m", "Δ params")]
-    cols += [("gflops", "GFLOPS"), ("paper_gflops", "paper GFLOPS"), ("d_gflops", "Δ GFLOPS")]
+    if peers:
+        cols += [("family", "family"), ("params_m", "params (M)"), ("gflops", "GFLOPS")]
+    else:
+        cols += [("params_m", "params (M)"), ("paper_params_m", "paper params (M)"), ("d_params_m", "Δ params")]
+        cols += [("gflops", "GFLOPS"), ("paper_gflops", "paper GFLOPS"), ("d_gflops", "Δ GFLOPS")]
     if len({r.get("image_size") for r in t.rows if r.get("image_size")}) > 1:
         cols.insert(2, ("image_size", "input"))  # e.g. the peers study: each model at its own size
-    if any((r.get("spec") or {}).get("timm") for r in t.rows):  # peers: absolute cost, not only ratios
+    if peers:  # absolute cost, not only ratios
         cols += [("latency_ms", "latency (ms/batch)"), ("peak_mem_mb", "peak memory (MB)")]
     vs = {r.get("vs_model") for r in t.rows if r.get("time_ratio") is not None}
     cols += [("time_ratio", f"latency ratio vs {vs.pop()}" if len(vs) == 1 else "latency ratio vs baseline")]
@@ -357,6 +361,8 @@ def columns(t: StudyTable) -> list[tuple[str, str]]:
         cols.append((f"diff:{s.key}", f"ours − {base} [95% interval]"))
         cols.append((f"verdict:{s.key}", "verdict"))
     metric = t.study.metric if t.study else "top-1"
+    if peers and not any(r.get("paper_top1") is not None for r in t.rows):
+        return cols
     cols.append(("paper_top1", f"paper: {metric}"))
     if any(r.get("paper_d_base") is not None for r in t.rows):
         cols.append(("paper_d_base", f"paper − {base}"))
