@@ -325,9 +325,9 @@ def _training_precision(requested: str) -> str:
 
 def _training_device() -> Any:
     """Where `sasa-bench train` (and so a study's training) runs: CUDA when available."""
-    import torch
+    from sasa_bench.hardware import parse_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device("auto")
 
 
 def check_training_data(cfg: Any) -> None:
