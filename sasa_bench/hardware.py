@@ -13,13 +13,15 @@ import functools
 import os
 import platform
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)  # what a user may ask for
+from sasa_bench.choices import DEVICE_HELP, Precision
+
+# The one precision table (the choice set itself: sasa_bench.choices.Precision).
+PRECISION_CHOICES: tuple[str, ...] = Precision.values()  # what a user may ask for (auto + the rest)
+PRECISIONS: tuple[str, ...] = tuple(p for p in PRECISION_CHOICES if p != "auto")  # what runs
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -158,6 +160,39 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     except Exception:
         onednn = False
     return onednn and any(f in cpu_flags() for f in _BF16_FLAGS)
+
+
+def parse_device(name: Any, allow_auto: bool = True) -> torch.device:
+    """The one device parser: ``auto`` (CUDA if available, else CPU) | ``cpu`` | ``cuda`` |
+    ``cuda:N``, checked against this machine; every bad or absent device is one SasaError line."""
+    from sasa_bench.errors import SasaError
+
+    text = str(name).strip().lower()
+    choices = DEVICE_HELP if allow_auto else DEVICE_HELP.replace("auto (cuda if available) | ", "")
+    if text == "auto" and allow_auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise SasaError(f"unknown device {name!r} (choose from {choices})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SasaError(f"unsupported device {name!r} (choose from {choices})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+            raise SasaError(
+                f"--device {name}: CUDA is not available on this machine "
+                f"(torch {torch.__version__}, built with {built}, no GPU visible); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SasaError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU model (/proc/cpuinfo, else platform's answer)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def resolve_precision(requested: str | None, device: torch.device | str = "cpu", warn: bool = True) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -34,8 +35,9 @@ def plain_line(message: str, prefix: str = "") -> None:
     print(f"{time.strftime('%H:%M:%S')} {prefix}{message}", file=sys.stderr, flush=True)
 
 
-def rich_bars(with_info: bool) -> Any:
-    """The one rich display (entered): description, bar, done/total, [info], elapsed, ETA."""
+def rich_bars(with_info: bool, transient: bool = False, eta: bool = True) -> Any:
+    """The one rich display (entered): description, bar, done/total, [info], elapsed[, ETA].
+    ``transient`` bars vanish when done (a single command's steps); others stay (a study, a run)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -46,12 +48,35 @@ def rich_bars(with_info: bool) -> Any:
     from rich.progress import Progress as RichProgress
 
     info = (TextColumn("{task.fields[info]}"),) if with_info else ()
+    left = (TextColumn("eta"), TimeRemainingColumn()) if eta else ()
     bar = RichProgress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *info,
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=False,
+        TimeElapsedColumn(), *left, console=err_console, transient=transient,
     )
     bar.__enter__()
     return bar
+
+
+@contextmanager
+def step_progress(first: str) -> Iterator[ProgressFn]:
+    """A transient bar on stderr for one command's steps (latency, bench-layer, flops); yields
+    the ``progress(message, done, total)`` callback the measurement APIs report through. Off a
+    terminal: plain lines, at least every :data:`QUIET_S` seconds."""
+    if not err_console.is_terminal:
+        plain = PlainProgress()
+        plain(first, 0, 0)
+        yield plain
+        return
+    bar = rich_bars(with_info=False, transient=True, eta=False)
+    try:
+        task = bar.add_task(escape(first), total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=escape(message), completed=done, total=total)
+
+        yield progress
+    finally:
+        bar.__exit__(None, None, None)
 
 
 class Eta:

@@ -25,13 +25,19 @@ import pandas as pd
 
 from sasa_bench.store import Problem, scan
 
-FAMILIES = ("conv", "convstem", "full")  # one colour per family across every figure
+# One colour per family across every figure: ours (conv, convstem, full) and timm's peers.
+FAMILIES = ("conv", "convstem", "full", "halonet", "botnet", "lambda", "swin", "timm")
 
 
 def family_of(spec: dict[str, Any] | None) -> str | None:
-    """conv (no attention anywhere), convstem (attention groups, conv stem) or full (attention stem)."""
+    """conv (no attention anywhere), convstem (attention groups, conv stem) or full (attention
+    stem); a timm model: its peer family (halonet, botnet, lambda, swin; conv for a ResNet)."""
     if not spec:
         return None
+    if spec.get("timm"):
+        from sasa_bench.models.timm_models import family
+
+        return family(spec["timm"])
     if str(spec.get("stem", "conv")).startswith("attention"):
         return "full"
     return "convstem" if spec.get("attention_groups") else "conv"

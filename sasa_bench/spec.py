@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sasa_bench.choices import Choice, Stem
 from sasa_bench.errors import SasaError, check_types
 from sasa_bench.layers.attention import check_attention_args
-from sasa_bench.layers.stems import STEM_CHOICES
 
 # Bottleneck blocks per residual group (the paper's ResNet-26/38/50, plus torchvision's 101).
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -52,7 +52,7 @@ class ModelSpec:
 
     name: str = "custom"
     depth: int = 50
-    stem: str = "conv"
+    stem: str = "conv"  # choices.Stem (as are pos, logits, border, scale below: choices.*)
     attention_groups: tuple[int, ...] = (1, 2, 3, 4)
     kernel_size: int = 7
     heads: int = 8
@@ -72,8 +72,15 @@ class ModelSpec:
     anchor_scales: int = 2
     head_predictor: str = "attention"
     head_norm: str = "none"
+    # A timm model (``timm:NAME`` on the command line): NAME, built by timm.create_model; then
+    # only image_size, num_classes (and the name) describe it. "" = one of ours.
+    timm: str = ""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # Choice members (Pos.ABSOLUTE...) are stored as their strings
+            v = getattr(self, f.name)
+            if isinstance(v, Choice):
+                object.__setattr__(self, f.name, v.value)
         validate(self)
 
     @property
@@ -88,7 +95,8 @@ class ModelSpec:
 
     @property
     def uses_attention(self) -> bool:
-        return bool(self.attention_groups) or self.stem != "conv"
+        """Whether the network has *our* attention layers (a backend to run); False for timm models."""
+        return not self.timm and (bool(self.attention_groups) or self.stem != "conv")
 
     def replace(self, **changes: Any) -> ModelSpec:
         return dataclasses.replace(self, **changes)
@@ -99,6 +107,8 @@ class ModelSpec:
         if self.detector == "none":
             for k in DETECTION_DEFAULTS:
                 d.pop(k)
+        if not self.timm:
+            d.pop("timm")  # result keys of our models are unchanged by the field
         return d
 
 
@@ -139,10 +149,12 @@ MAX_IMAGE_SIZE = 2048
 def validate(spec: ModelSpec) -> None:
     """Reject anything the builder could not build, with one line saying what and why."""
     check_types(spec, "model")
+    if spec.timm:
+        _validate_timm(spec)
+        return
     if spec.depth not in DEPTHS:
         raise SasaError(f"unknown depth {spec.depth} (choose from {', '.join(map(str, DEPTHS))})")
-    if spec.stem not in STEM_CHOICES:
-        raise SasaError(f"unknown stem {spec.stem!r} (choose from {', '.join(STEM_CHOICES)})")
+    Stem.check(spec.stem, "stem")
     if not isinstance(spec.attention_groups, tuple) or any(
         g not in (1, 2, 3, 4) for g in spec.attention_groups
     ):
@@ -167,6 +179,51 @@ def validate(spec: ModelSpec) -> None:
 
     check_backend_name(spec.backend)
     _validate_detection(spec)
+
+
+# What a timm spec holds besides its name, image size and classes (and the neutral backend).
+TIMM_FIELDS = ("image_size", "num_classes", "backend")
+
+
+def _timm_base(name: str, image_size: int = 224) -> ModelSpec:
+    return ModelSpec(name=f"timm:{name}", timm=name, attention_groups=(), image_size=image_size)
+
+
+def _validate_timm(spec: ModelSpec) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", spec.timm):
+        raise SasaError(f"not a timm model name: {spec.timm!r}")
+    neutral = {f.name: f.default for f in dataclasses.fields(ModelSpec)} | {"attention_groups": ()}
+    other = [f for f, v in neutral.items() if f not in (*TIMM_FIELDS, "name", "timm") and getattr(spec, f) != v]
+    if other:
+        raise SasaError(
+            f"timm:{spec.timm} is timm's model: only --image-size and --num-classes apply to it "
+            f"(got {', '.join(o.replace('_', ' ') for o in other)})"
+        )
+    if not 1 <= spec.num_classes <= MAX_CLASSES:
+        raise SasaError(f"num classes must be in 1..{MAX_CLASSES}, got {spec.num_classes}")
+    if not 16 <= spec.image_size <= MAX_IMAGE_SIZE:
+        raise SasaError(f"image size must be in 16..{MAX_IMAGE_SIZE}, got {spec.image_size}")
+
+
+def timm_spec(model: str, **overrides: Any) -> ModelSpec:
+    """``timm:NAME`` (+ image_size / num_classes) -> its ModelSpec, at timm's default input size."""
+    from sasa_bench.models.timm_models import check_timm_name, default_image_size
+
+    name = check_timm_name(model)
+    base = _timm_base(name, default_image_size(name))
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(changes) - SPEC_FIELDS
+    if unknown:
+        raise SasaError(f"unknown model option(s): {', '.join(sorted(unknown))}")
+    other = sorted(set(changes) - {*TIMM_FIELDS, "name"})
+    if other:
+        flags = ", ".join("--" + ("k" if o == "kernel_size" else o.replace("_", "-")) for o in other)
+        raise SasaError(f"{model} is timm's model: only --image-size and --num-classes apply to it (got {flags})")
+    spec = base.replace(**changes)
+    if "name" not in changes and spec != base:
+        diffs = [f"{k}={v}" for k in ("image_size", "num_classes") if (v := getattr(spec, k)) != getattr(base, k)]
+        spec = spec.replace(name=base.name + (f"[{' '.join(diffs)}]" if diffs else ""))
+    return spec
 
 
 def _validate_detection(spec: ModelSpec) -> None:
@@ -247,7 +304,10 @@ def get_preset(name: str) -> ModelSpec:
 
 
 def make_spec(model: str | None = None, **overrides: Any) -> ModelSpec:
-    """A preset (or the defaults) with the given fields replaced; ``None`` values are ignored."""
+    """A preset (or the defaults, or ``timm:NAME``) with the given fields replaced; ``None``
+    values are ignored."""
+    if model and model.startswith("timm:"):
+        return timm_spec(model, **overrides)
     base = get_preset(model) if model else ModelSpec()
     changes = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(changes) - SPEC_FIELDS

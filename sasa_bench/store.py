@@ -449,9 +449,15 @@ def _run_settings(rec: dict[str, Any], neutral: frozenset[str] | set[str]) -> di
     return out
 
 
-def mixed_settings(records: list[dict[str, Any]], neutral: frozenset[str] | set[str] = frozenset()) -> list[str]:
+def mixed_settings(
+    records: list[dict[str, Any]],
+    neutral: frozenset[str] | set[str] = frozenset(),
+    varied: dict[str, set[str]] | None = None,
+) -> list[str]:
     """One line per study (and recipe) whose results were made with different shared settings
-    (e.g. some at image size 32, some at 64): such a table would compare unlike with unlike."""
+    (e.g. some at image size 32, some at 64): such a table would compare unlike with unlike.
+    ``varied``: per study, the spec fields its variants differ in on purpose (the peers study's
+    input sizes), which are not counted as mixed."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         if "study" in r and "variant" in r:
@@ -459,8 +465,11 @@ def mixed_settings(records: list[dict[str, Any]], neutral: frozenset[str] | set[
     out = []
     for (study, train), recs in sorted(groups.items()):
         seen: dict[str, dict[str, list[str]]] = {}
+        meant = {f.replace("_", " ") for f in (varied or {}).get(study, set())}
         for r in recs:
             for name, v in _run_settings(r, neutral).items():
+                if name in meant:
+                    continue
                 seen.setdefault(name, {}).setdefault(_show(v), []).append(f"{r['variant']}/seed{r.get('seed', 0)}")
         diffs = [
             f"{name} " + ", ".join(f"{v} ({', '.join(w[:3])}{', ...' if len(w) > 3 else ''})" for v, w in vals.items())

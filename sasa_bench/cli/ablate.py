@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sasa_bench.cli.options import device_option
 from sasa_bench.cli.output import err_console
 from sasa_bench.errors import SasaError
 from sasa_bench.store import check_folder
@@ -21,7 +22,7 @@ def ablate(
     train: Annotated[str, typer.Option(help="none (params/FLOPs/latency only) | short (Fashion-MNIST, minutes per variant on CPU) | paper (the paper's ImageNet recipe).", rich_help_panel=_RUN)] = "short",
     data: Annotated[str | None, typer.Option(help="Dataset: fashion-mnist | imagenet | synthetic. (default: the recipe's)", rich_help_panel=_RUN)] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (ImageNet root; Fashion-MNIST IDX files).", rich_help_panel=_RUN)] = None,
-    device: Annotated[str, typer.Option(help="Latency device: auto | cpu | cuda | cuda:N (training uses CUDA when available, as `sasa-bench train`).", rich_help_panel=_RUN)] = "auto",
+    device: Annotated[str, device_option("Latency device (training uses CUDA when available, as `sasa-bench train`): ", _RUN)] = "auto",
     seeds: Annotated[int, typer.Option(help="Training seeds per variant (0..N-1); without training there is one unit per variant.", rich_help_panel=_RUN)] = 1,
     list_: Annotated[bool, typer.Option("--list", help="List the studies, one line each, and exit.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the variants and the equivalent single commands; run nothing.")] = False,

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from sasa_bench.choices import Format
+from sasa_bench.cli.options import FormatOpt, device_option
 from sasa_bench.cli.output import check_format, emit, emit_machine, step_progress
 from sasa_bench.errors import SasaError
 from sasa_bench.measure.layer_bench import LayerBenchOptions, measure_layers
@@ -52,19 +54,19 @@ def bench_layer(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads (torch.set_num_threads); recorded either way.")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    device: Annotated[str, device_option(auto=False)] = "cpu",
     k: Annotated[int, typer.Option("--k", help="Attention window k.")] = 7,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
     memory: Annotated[
         bool, typer.Option("--memory/--no-memory", help="Measure peak memory per step.")
     ] = True,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv")] = "table",
+    fmt: FormatOpt = Format.TABLE,
 ) -> None:
     """Time attention backends (Q/K/V projections included) against a 3x3 conv of the same width.
 
     Forward and forward+backward, interleaved rounds; ratios are medians of per-round ratios.
     """
-    check_format(fmt)
+    fmt = check_format(fmt)
     opts = LayerBenchOptions(
         stages=_int_list(stages, "stages"),
         dtypes=_str_list(dtypes) or [],

@@ -15,6 +15,17 @@ from typing import Annotated, Any
 
 import typer
 
+from sasa_bench.choices import (
+    DEVICE_COMPLETIONS,
+    DEVICE_HELP,
+    Border,
+    Format,
+    Logits,
+    Pos,
+    Scale,
+    Stem,
+    plain,
+)
 from sasa_bench.errors import SasaError
 from sasa_bench.spec import ModelSpec, make_spec
 
@@ -27,15 +38,15 @@ _MODEL_PARAMS: dict[str, tuple[Any, Any]] = {
     "model": (
         Annotated[
             list[str] | None,
-            typer.Option("--model", "-m", help="Preset name (repeat for several); see `sasa-bench models`.", rich_help_panel=_PANEL),
+            typer.Option("--model", "-m", help="Preset name (repeat for several; see `sasa-bench models`) or timm:NAME (any timm model, at its default input size; `sasa-bench models --timm PATTERN`).", rich_help_panel=_PANEL),
         ],
         None,
     ),
     "depth": (Annotated[int | None, typer.Option(help="ResNet depth: 26, 38, 50 or 101. (default: 50)", rich_help_panel=_PANEL)], None),
     "stem": (
         Annotated[
-            str | None,
-            typer.Option(help="conv | attention | attention-plain | attention-conv-values. (default: conv)", rich_help_panel=_PANEL),
+            Stem | None,
+            typer.Option(help="The stem: conv (torchvision's) or the paper's attention stem (Table 7 variants). (default: conv)", rich_help_panel=_PANEL, show_default=False),
         ],
         None,
     ),
@@ -48,10 +59,10 @@ _MODEL_PARAMS: dict[str, tuple[Any, Any]] = {
     ),
     "k": (Annotated[int | None, typer.Option("--k", help="Spatial extent k (odd). (default: 7)", rich_help_panel=_PANEL)], None),
     "heads": (Annotated[int | None, typer.Option(help="Attention heads. (default: 8)", rich_help_panel=_PANEL)], None),
-    "pos": (Annotated[str | None, typer.Option(help="relative | absolute | none. (default: relative)", rich_help_panel=_PANEL)], None),
-    "logits": (Annotated[str | None, typer.Option(help="qk+qr | qr (no W_K, Table 6). (default: qk+qr)", rich_help_panel=_PANEL)], None),
-    "border": (Annotated[str | None, typer.Option(help="mask (outside keys get no softmax mass) | zeros (public ports). (default: mask)", rich_help_panel=_PANEL)], None),
-    "scale": (Annotated[str | None, typer.Option(help="Logit scaling: none (the paper) | rsqrt (1/sqrt(d)). (default: none)", rich_help_panel=_PANEL)], None),
+    "pos": (Annotated[Pos | None, typer.Option(help="Positional term of the logits (Table 5). (default: relative)", rich_help_panel=_PANEL, show_default=False)], None),
+    "logits": (Annotated[Logits | None, typer.Option(help="Logit terms; qr drops W_K (Table 6). (default: qk+qr)", rich_help_panel=_PANEL, show_default=False)], None),
+    "border": (Annotated[Border | None, typer.Option(help="mask: outside keys get no softmax mass; zeros: zero-padded keys/values (public ports). (default: mask)", rich_help_panel=_PANEL, show_default=False)], None),
+    "scale": (Annotated[Scale | None, typer.Option(help="Logit scaling: none (the paper) or rsqrt (1/sqrt(d)). (default: none)", rich_help_panel=_PANEL, show_default=False)], None),
     "width": (Annotated[float | None, typer.Option(help="Width multiplier. (default: 1.0)", rich_help_panel=_PANEL)], None),
     "image_size": (Annotated[int | None, typer.Option(help="Input size (multiple of 32). (default: 224)", rich_help_panel=_PANEL)], None),
     "num_classes": (Annotated[int | None, typer.Option(help="Classifier outputs. (default: 1000)", rich_help_panel=_PANEL)], None),
@@ -83,7 +94,7 @@ class ModelOptions:
 
     def overrides(self) -> dict[str, Any]:
         return {
-            _FIELD.get(k, k): v for k, v in self.values.items() if k != "model" and v is not None
+            _FIELD.get(k, k): plain(v) for k, v in self.values.items() if k != "model" and v is not None
         }
 
     def specs(self, default_models: list[str] | None = None) -> list[ModelSpec]:
@@ -119,3 +130,22 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         **{name: ann for name, (ann, _) in _MODEL_PARAMS.items()},
     }
     return wrapper
+
+
+# Shared option types: one definition each, so every command validates, completes and documents
+# them the same way.
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output: a table, or JSON / CSV (data on stdout).")]
+
+
+def complete_device(incomplete: str) -> list[str]:
+    """Shell completion for --device: auto, cpu, cuda and cuda:N for the GPUs visible here."""
+    import torch
+
+    names = [*DEVICE_COMPLETIONS, *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def device_option(help_prefix: str = "", panel: str | None = None, auto: bool = True) -> Any:
+    """The --device option (free text: cuda:N is open-ended; parsed by hardware.parse_device)."""
+    text = DEVICE_HELP if auto else DEVICE_HELP.replace("auto (cuda if available) | ", "")
+    return typer.Option(help=f"{help_prefix}{text}", rich_help_panel=panel, autocompletion=complete_device)

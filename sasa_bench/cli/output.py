@@ -6,48 +6,23 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sasa_bench.errors import SasaError
-from sasa_bench.progress import err_console  # noqa: F401 - the one stderr console, re-exported
+from sasa_bench.choices import Format
+from sasa_bench.progress import err_console, step_progress  # noqa: F401 - re-exported: the one console and step bar
 
-FORMATS = ("table", "json", "csv")
-
-
-
-@contextmanager
-def step_progress(first: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A transient progress bar on stderr; yields the ``progress(message, done, total)`` callback
-    that the measurement APIs (latency, bench-layer) report through."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from sasa_bench.progress import PlainProgress
-
-    if not err_console.is_terminal:  # piped or logged: plain lines, at least every QUIET_S seconds
-        plain = PlainProgress()
-        plain(first, 0, 0)
-        yield plain
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(first, total=None)
-
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=escape(message), completed=done, total=total)
-
-        yield progress
+FORMATS = Format.values()  # the choice set: sasa_bench.choices.Format
 
 
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise SasaError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    return fmt
+
+def check_format(fmt: Format | str) -> str:
+    """The format as its plain string (Typer already rejects others; Python callers too)."""
+    return Format.check(fmt, "format")
 
 
 def _cell(v: Any, digits: int = 3) -> str:
@@ -78,7 +53,7 @@ def emit(
     digits: dict[str, int] | None = None,
 ) -> None:
     """Print ``rows``; ``columns`` picks and orders the table/CSV columns (JSON keeps every key)."""
-    check_format(fmt)
+    fmt = check_format(fmt)
     cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
     if fmt == "json":
         sys.stdout.write(json.dumps(list(rows), indent=2, default=str) + "\n")

@@ -21,14 +21,14 @@ def report(
     Every unreadable or stale result file is listed (stderr and REPORT.md) with its reason."""
     from sasa_bench.report.document import write_report
     from sasa_bench.store import check_folder, mixed_settings
-    from sasa_bench.studies.check import check_results
+    from sasa_bench.studies.check import check_results, varied_fields
     from sasa_bench.train.recipes import NEUTRAL_FIELDS
 
     if not results.is_dir():
         raise SasaError(f"no results folder {results} (run `sasa-bench ablate NAME` first)")
     check_folder(out or results, "--out")
     current, problems = check_results(results)
-    mixed = mixed_settings(current, NEUTRAL_FIELDS)
+    mixed = mixed_settings(current, NEUTRAL_FIELDS, varied_fields())
     if mixed and not allow_mixed:
         raise SasaError(f"{mixed[0]}; rerun the study with one setting (ablate redoes stale units) or pass --allow-mixed")
     for p in problems:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from sasa_bench.choices import Precision, plain
 from sasa_bench.cli.options import ModelOptions, model_options
 
 _T = "Training"
@@ -44,7 +45,7 @@ def train(
     warmup_epochs: Annotated[float | None, _opt("Linear warm-up epochs before the cosine decay.")] = None,
     ema_decay: Annotated[float | None, _opt("EMA decay of the weights (0 = off; evaluated when on).")] = None,
     bn_momentum: Annotated[float | None, _opt("BatchNorm momentum, PyTorch convention (paper: 1e-4 = TF decay 0.9999).")] = None,
-    precision: Annotated[str | None, _opt("fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler).", _S)] = None,
+    precision: Annotated[Precision | None, _opt("Autocast precision (fp16 with a grad scaler); auto = bf16 where native.", _S)] = None,
     channels_last: Annotated[bool | None, _opt("Channels-last memory format.", _S, "--channels-last/--no-channels-last")] = None,
     compile: Annotated[bool | None, _opt("torch.compile the model.", _S, "--compile/--no-compile")] = None,
     workers: Annotated[int | None, _opt("DataLoader worker processes (ImageFolder).", _S)] = None,
@@ -73,7 +74,7 @@ def train(
         "momentum": momentum, "label_smoothing": label_smoothing, "grad_clip": grad_clip,
         "zero_init_residual": zero_init_residual,
         "warmup_epochs": warmup_epochs,
-        "ema_decay": ema_decay, "bn_momentum": bn_momentum, "precision": precision,
+        "ema_decay": ema_decay, "bn_momentum": bn_momentum, "precision": plain(precision),
         "channels_last": channels_last, "compile": compile, "workers": workers, "threads": threads, "seed": seed,
         "deterministic": deterministic, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
     }

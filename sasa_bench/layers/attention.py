@@ -8,7 +8,8 @@ lives in :mod:`sasa_bench.kernels` (one reference, several fast backends); this 
 parameters and the options.
 
 Choices where the paper is silent (each an option where it plausibly matters):
-- ``scale``: the paper's equation has no 1/sqrt(d); default 1.0, ``scale="rsqrt"`` uses 1/sqrt(d).
+- ``scale``: the paper's equation has no 1/sqrt(d); default ``"none"`` (logits unscaled),
+  ``scale="rsqrt"`` multiplies q by 1/sqrt(d).
 - ``border``: ``"mask"`` (default) keeps positions outside the image out of the softmax;
   ``"zeros"`` zero-pads keys/values, which then take softmax mass through q.r (public ports).
 - relative embeddings shared across heads, N(0, 1/d) init; projections use PyTorch's default
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sasa_bench.choices import Border, Logits, Pos, Scale
 from sasa_bench.errors import SasaError
 from sasa_bench.kernels import check_backend_name, local_attention
 from sasa_bench.kernels.op import is_counting
@@ -35,14 +37,21 @@ from sasa_bench.layers.positional import RelativeEmbedding2d, absolute_sinusoid_
 # 1.15x at 28², even at 14², 1.3x slower at 7².
 _BMM_MIN_PIXELS = 512
 
-POS_CHOICES = ("relative", "absolute", "none")
-LOGITS_CHOICES = ("qk+qr", "qr")
-BORDER_CHOICES = ("mask", "zeros")
-SCALE_CHOICES = ("none", "rsqrt")
+# The choice sets live in sasa_bench.choices; these tuples are their values, for callers that list them.
+POS_CHOICES = Pos.values()
+LOGITS_CHOICES = Logits.values()
+BORDER_CHOICES = Border.values()
+SCALE_CHOICES = Scale.values()
 
 
 def check_attention_args(
-    out_channels: int, kernel_size: int, heads: int, pos: str, logits: str, border: str, scale: str
+    out_channels: int,
+    kernel_size: int,
+    heads: int,
+    pos: Pos | str,
+    logits: Logits | str,
+    border: Border | str,
+    scale: Scale | str,
 ) -> None:
     """Raise SasaError for options the layer cannot take (shared with the model spec)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -51,20 +60,35 @@ def check_attention_args(
         raise SasaError(f"heads must be >= 1, got {heads}")
     if out_channels % heads:
         raise SasaError(f"heads={heads} does not divide the attention width {out_channels}")
-    for name, val, choices in (
-        ("pos", pos, POS_CHOICES),
-        ("logits", logits, LOGITS_CHOICES),
-        ("border", border, BORDER_CHOICES),
-        ("scale", scale, SCALE_CHOICES),
-    ):
-        if val not in choices:
-            raise SasaError(f"unknown {name} {val!r} (choose from {', '.join(choices)})")
+    pos, logits = Pos.check(pos, "pos"), Logits.check(logits, "logits")
+    Border.check(border, "border")
+    Scale.check(scale, "scale")
     if pos == "none" and logits == "qr":
         raise SasaError("logits=qr with pos=none leaves no logit term (every window weight equal); use pos relative or absolute")
 
 
 class LocalSelfAttention2d(nn.Module):
-    """[B, C_in, H, W] -> [B, C_out, H, W] self-attention over each pixel's k x k window."""
+    """[B, C_in, H, W] -> [B, C_out, H, W] self-attention over each pixel's k x k window.
+
+    Args:
+        in_channels: C_in, the channels of the input map (d_in of the paper).
+        out_channels: C_out (d_out): the width of q, k and v and of the output; split evenly
+            over the heads, so it must be divisible by ``heads``.
+        kernel_size: k, the spatial extent: each pixel attends to the k x k window centred on it
+            (odd, >= 1; Table 4 varies it). The output keeps the input's H x W (stride 1).
+        heads: attention heads N; each attends with d = C_out / N channels.
+        pos: the positional term of the logits (Table 5): ``"relative"`` q.r with
+            r = concat(r_row(a-i), r_col(b-j)), ``"absolute"`` sinusoids of the key pixel added
+            to the keys, ``"none"``. A :class:`~sasa_bench.choices.Pos` or its string.
+        logits: ``"qk+qr"`` (the paper's q.k + q.r) or ``"qr"`` (Table 6: no W_K, the logit is
+            q.r alone; needs a positional term).
+        border: window positions outside the image: ``"mask"`` takes them out of the softmax,
+            ``"zeros"`` zero-pads keys and values (they keep softmax mass through q.r).
+        scale: ``"none"`` (the paper's equation: no 1/sqrt(d)) or ``"rsqrt"`` (q times 1/sqrt(d)).
+        backend: who computes the window attention (``sasa-bench backends``): ``"auto"`` picks
+            the fastest exact one for the input's device; every backend computes the same
+            operator, and the parameters and state dict do not depend on it.
+    """
 
     def __init__(
         self,
@@ -72,10 +96,10 @@ class LocalSelfAttention2d(nn.Module):
         out_channels: int,
         kernel_size: int = 7,
         heads: int = 8,
-        pos: str = "relative",
-        logits: str = "qk+qr",
-        border: str = "mask",
-        scale: str = "none",
+        pos: Pos | str = Pos.RELATIVE,
+        logits: Logits | str = Logits.QK_QR,
+        border: Border | str = Border.MASK,
+        scale: Scale | str = Scale.NONE,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -83,7 +107,9 @@ class LocalSelfAttention2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.heads = kernel_size, heads
         self.head_dim = out_channels // heads
-        self.pos, self.logits, self.border, self.scale = pos, logits, border, scale
+        # Stored as the plain strings (repr, comparisons and pickles do not depend on the Enum).
+        self.pos, self.logits = Pos.check(pos, "pos"), Logits.check(logits, "logits")
+        self.border, self.scale = Border.check(border, "border"), Scale.check(scale, "scale")
         self.backend = check_backend_name(backend)
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False) if logits == "qk+qr" else None

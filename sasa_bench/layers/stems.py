@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sasa_bench.choices import Stem
 from sasa_bench.errors import SasaError
 from sasa_bench.kernels import check_backend_name, stem_cpu
 from sasa_bench.kernels.op import is_counting
 from sasa_bench.layers.positional import split_head_dim
 
-STEM_CHOICES = ("conv", "attention", "attention-plain", "attention-conv-values")
+STEM_CHOICES = Stem.values()  # the choice set: sasa_bench.choices.Stem
 BLOCK = 4
 
 
@@ -235,12 +236,11 @@ class AttentionStem(nn.Module):
 
 
 def make_stem(
-    kind: str, in_channels: int, out_channels: int, heads: int = 4, mixtures: int = 4, backend: str = "auto"
+    kind: Stem | str, in_channels: int, out_channels: int, heads: int = 4, mixtures: int = 4, backend: str = "auto"
 ) -> nn.Module:
     """Build a stem by its CLI name (see ``STEM_CHOICES``); ``backend`` as for the attention layers."""
-    if kind == "conv":
+    kind = Stem.check(kind, "stem")
+    if kind == Stem.CONV:
         return ConvStem(in_channels, out_channels)
-    values = {"attention": "mixture", "attention-plain": "plain", "attention-conv-values": "conv"}
-    if kind not in values:
-        raise SasaError(f"unknown stem {kind!r} (choose from {', '.join(STEM_CHOICES)})")
-    return AttentionStem(in_channels, out_channels, heads, mixtures, values[kind], backend)
+    values = {Stem.ATTENTION: "mixture", Stem.ATTENTION_PLAIN: "plain", Stem.ATTENTION_CONV_VALUES: "conv"}
+    return AttentionStem(in_channels, out_channels, heads, mixtures, values[Stem(kind)], backend)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sasa_bench.errors import SasaError
 from sasa_bench.kernels.op import attention_macs, counting_flops
 
 
@@ -91,21 +92,40 @@ def macs_fvcore(model: nn.Module, image_size: int) -> int:
 
 
 def count_flops(model: nn.Module, image_size: int, counter: str = "both") -> FlopCount:
-    """Params and multiply-adds per image; ``counter="both"`` checks that the two counters agree."""
+    """Params and multiply-adds per image; ``counter="both"`` checks that the two counters agree.
+
+    timm models are counted with their fused attention switched to explicit matmuls
+    (:func:`~sasa_bench.models.timm_models.explicit_attention`), so both counters see it; a timm
+    model that cannot run at ``image_size`` (HaloNet needs maps divisible by its block size) is
+    one :class:`SasaError` line."""
+    from sasa_bench.models.timm_models import explicit_attention
+
     was_training = model.training
     model.eval()
     # A detector counts its backbone, FPN and heads (the paper's FLOPS), not resize, anchors or NMS.
     counted = model.counted() if hasattr(model, "counted") else model
     try:
-        if counter == "torch":
-            macs = macs_torch(counted, image_size)
-        elif counter == "fvcore":
-            macs = macs_fvcore(counted, image_size)
-        else:
-            macs = macs_torch(counted, image_size)
-            other = macs_fvcore(counted, image_size)
-            if other != macs:
-                raise RuntimeError(f"FLOP counters disagree: torch {macs} vs fvcore {other} MACs")
+        with explicit_attention(counted):
+            if counter == "torch":
+                macs = macs_torch(counted, image_size)
+            elif counter == "fvcore":
+                macs = macs_fvcore(counted, image_size)
+            else:
+                macs = macs_torch(counted, image_size)
+                other = macs_fvcore(counted, image_size)
+                if other != macs:
+                    raise RuntimeError(f"FLOP counters disagree: torch {macs} vs fvcore {other} MACs")
+    except AssertionError as e:
+        if not hasattr(model, "pretrained_cfg"):  # ours: a bug, not bad input
+            raise
+        name = model.pretrained_cfg.get("architecture", type(model).__name__)
+        tb, at = e.__traceback__, ""
+        while tb is not None:  # the innermost timm frame says which layer refused
+            path = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+            if "/timm/" in path:
+                at = f" (assertion in timm/{path.rsplit('/timm/', 1)[1]}:{tb.tb_lineno})"
+            tb = tb.tb_next
+        raise SasaError(f"timm:{name} does not run at {image_size}x{image_size}{at}{': ' + str(e) if str(e) else ''}") from None
     finally:
         model.train(was_training)
     return FlopCount(params=count_params(model), macs=macs)

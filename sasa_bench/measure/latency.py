@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -37,14 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sasa_bench.choices import Precision
 from sasa_bench.errors import SasaError
-from sasa_bench.hardware import AUTOCAST_DTYPES, resolve_precision
+from sasa_bench.hardware import AUTOCAST_DTYPES, device_name, parse_device, resolve_precision
 from sasa_bench.kernels.registry import backend_that_runs, kernel_facts
 from sasa_bench.measure.flops import FlopCount, count_flops
 from sasa_bench.measure.memory import PeakMemory, peak_memory
 from sasa_bench.spec import ModelSpec
 
-PRECISIONS: dict[str, torch.dtype | None] = AUTOCAST_DTYPES  # the one precision table (hardware.py)
 MODES = ("inference", "train")
 # Defaults when warmup/iters are None: a reference-backend SASA-ResNet-50 takes ~10 s per batch of
 # 8 on a small CPU, so CPU runs stay short; GPU steps take milliseconds, so take more (as timm).
@@ -60,10 +59,10 @@ ProgressFn = Callable[[str, int, int], None]
 class LatencyOptions:
     """How to measure. ``None`` warmup/iters pick per-device defaults (CPU 2/5, CUDA 10/50)."""
 
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N (hardware.parse_device)
     threads: int | None = None  # torch.set_num_threads for the measurement (restored after)
     batch_size: int = 8
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    precision: str = "fp32"  # choices.Precision: auto | fp32 | bf16 | fp16 (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile; the compiling call is reported as compile_s
     mode: str = "inference"  # inference | train
@@ -72,8 +71,7 @@ class LatencyOptions:
     retry_oom: bool = False  # on out-of-memory, halve the batch size and retry (as timm's benchmark)
 
     def validate(self) -> None:
-        if self.precision not in (*PRECISIONS, "auto"):
-            raise SasaError(f"unknown precision {self.precision!r} (choose from auto, {', '.join(PRECISIONS)})")
+        self.precision = Precision.check(self.precision, "precision")
         if self.mode not in MODES:
             raise SasaError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.batch_size < 1:
@@ -88,45 +86,13 @@ class LatencyOptions:
 
     def torch_device(self) -> torch.device:
         """The device to run on; a clear error for a device this machine does not have."""
-        name = self.device.strip().lower()
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise SasaError(f"unknown device {self.device!r} (choose from auto, cpu, cuda, cuda:N)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise SasaError(f"unsupported device {self.device!r} (choose from auto, cpu, cuda, cuda:N)")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
-                raise SasaError(
-                    f"--device {self.device}: CUDA is not available on this machine "
-                    f"(torch {torch.__version__}, built with {built}, no GPU visible); use --device cpu"
-                )
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise SasaError(f"--device {self.device}: only {torch.cuda.device_count()} GPU(s) visible")
-        return dev
+        return parse_device(self.device)
 
     def resolved(self) -> tuple[torch.device, int, int]:
         dev = self.torch_device()
         warmup = DEFAULT_WARMUP[dev.type] if self.warmup is None else self.warmup
         iters = DEFAULT_ITERS[dev.type] if self.iters is None else self.iters
         return dev, warmup, iters
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model from /proc/cpuinfo (falling back to platform)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def is_oom(e: BaseException) -> bool:
@@ -186,7 +152,7 @@ class Workload:
             self.x = list(x.sigmoid().to(device).unbind(0))  # images in [0, 1], as the detector expects
             self.y = synthetic_targets(batch_size, s, spec.num_classes, gen, device)
         self.fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(self.model) if opts.compile else self.model
-        self.dtype = PRECISIONS[opts.precision]
+        self.dtype = AUTOCAST_DTYPES[opts.precision]  # the one precision table (hardware.py)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=TRAIN_LR, momentum=0.9) if self.train else None
         self.scaler = torch.amp.GradScaler(device.type) if self.train and self.dtype == torch.float16 else None
         self.compile_s: float | None = None
@@ -300,7 +266,10 @@ def _measure_one(
     return w, ratios
 
 
-def env_info(opts: LatencyOptions, device: torch.device, warmup: int, iters: int) -> dict[str, Any]:
+def run_settings(opts: LatencyOptions, device: torch.device, warmup: int, iters: int) -> dict[str, Any]:
+    """How this measurement ran (device, threads, precision, mode, warm-up, iterations) and the
+    kernel facts (CPU model, PyTorch's ISA, the C++ kernel's ISA). The host's full description
+    for a study result is :func:`sasa_bench.hardware.host_info` (``studies.runner.env_info``)."""
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -390,11 +359,12 @@ def measure_latency(
             else:
                 row.update({k: None for k in _stats_keys("vs_")})
                 row.update(time_ratio=None, time_ratio_min=None, time_ratio_max=None, throughput_ratio=None, pair_ratios=None)
-            row.update(env_info(opts, device, warmup, iters))
+            row.update(run_settings(opts, device, warmup, iters))
             row.update(
                 batch_size=batch_size,
                 batch_size_requested=opts.batch_size,
                 image_size=spec.image_size,
+                vs_image_size=vs.image_size if vs is not None else None,  # timm baselines keep their own
                 num_classes=spec.num_classes,
                 spec=spec.to_dict(),
                 vs_spec=vs.to_dict() if vs is not None else None,

@@ -100,17 +100,7 @@ class LayerBenchOptions:
                     raise SasaError(f"attention backend {b!r} cannot run on {dev.type} on this machine")
 
     def torch_device(self) -> torch.device:
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError:
-            raise SasaError(f"unknown device {self.device!r} (choose from cpu, cuda, cuda:N)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SasaError(
-                f"--device {self.device}: CUDA is not available on this machine; use --device cpu"
-            )
-        if dev.type not in ("cpu", "cuda"):
-            raise SasaError(f"unsupported device {self.device!r}")
-        return dev
+        return hardware.parse_device(self.device, allow_auto=False)  # the one device parser
 
     def backend_names(self) -> list[str]:
         if self.backends:

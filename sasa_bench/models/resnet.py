@@ -46,6 +46,9 @@ class Bottleneck(nn.Module):
         out_ch = width * EXPANSION
         self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        # Named conv2 even when it is attention: torchvision's name for the block's spatial layer,
+        # so a conv ResNet's state dict loads into ours (torchvision_key) and checkpoints of the
+        # attention models keep their keys. Do not rename (state-dict compatibility).
         self.conv2 = spatial_layer(width, stride, attention, spec)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
@@ -85,6 +88,7 @@ class ResNet(nn.Module):
             groups.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = groups
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = in_ch  # timm's name for the pooled feature width
         self.fc = nn.Linear(in_ch, spec.num_classes)
         self._init_weights()
 
@@ -110,9 +114,27 @@ class ResNet(nn.Module):
         x = self.layer3(x)
         return self.layer4(x)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool and classify the features (timm's split of forward: features, then head)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.forward_features(x))
-        return self.fc(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))
+
+    # timm's model API, so timm's tools (benchmark.py, validate.py, train.py) can drive our models.
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features if isinstance(self.fc, nn.Linear) else 0
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """A new, freshly initialised classifier (``num_classes=0``: none, features out)."""
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"only average pooling, got global_pool={global_pool!r}")
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def zero_init_residual(model: nn.Module) -> None:

@@ -6,6 +6,7 @@
 * ``sweep``   — GFLOPS/params, latency and accuracy against the varied field (e.g. k).
 * ``bars``    — per variant: GFLOPS, params, latency ratio and accuracy (stage layouts, stems...).
 * ``latency`` — measured latency of each model beside its conv baseline.
+* ``latency_gflops`` — latency against GFLOPS, one marker per family (the peers study).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from sasa_bench.report.tables import StudyTable  # noqa: E402
 
 # One colour and marker per model family in every figure (sasa_bench.results.FAMILIES).
 SERIES = {"conv": ("convolution", "tab:blue", "o"), "convstem": ("self-attention, conv stem", "tab:orange", "s"),
-          "full": ("full attention (attention stem)", "tab:red", "^")}
+          "full": ("full attention (attention stem)", "tab:red", "^"),
+          # timm's peers (the peers study)
+          "halonet": ("HaloNet (blocked local attention)", "tab:purple", "D"),
+          "botnet": ("BoTNet (global attention)", "tab:brown", "v"),
+          "lambda": ("LambdaNet (lambda layers)", "tab:olive", "P"),
+          "swin": ("Swin (shifted windows)", "tab:cyan", "X"),
+          "timm": ("other timm model", "tab:gray", "*")}
 COLORS = {k: c for k, (_, c, _) in SERIES.items()} | {None: "tab:gray"}
 VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "within noise": "tab:gray", "n too small": "tab:gray"}
 
@@ -82,7 +89,7 @@ def make_figures(t: StudyTable, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for kind in kinds:
-        fn = {"pareto": pareto, "sweep": sweep, "bars": bars, "latency": latency}[kind]
+        fn = {"pareto": pareto, "sweep": sweep, "bars": bars, "latency": latency, "latency_gflops": latency_gflops}[kind]
         path = fn(t, out_dir / f"{t.name}_{kind}.png")
         if path is not None:
             files.append(path)
@@ -340,4 +347,38 @@ def latency(t: StudyTable, path: Path) -> Path | None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[f]) for f in fams]
     axes[0].legend(handles, [SERIES[f][0] for f in fams], loc="upper left", fontsize=8)
     fig.suptitle(f"{t.title} — latency, conv vs attention", fontsize=11)
+    return _save(fig, path)
+
+
+def latency_gflops(t: StudyTable, path: Path) -> Path | None:
+    """Measured latency against GFLOPS, one marker and colour per family, filled at 224x224 and
+    hollow at other input sizes; left: ms per batch, right: time relative to the baseline."""
+    rows = [r for r in t.rows if r.get("latency_ms") is not None and r.get("gflops") is not None]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, ylabel in (
+        (axes[0], "latency_ms", f"median time per batch of {rows[0].get('latency_batch')} (ms)"),
+        (axes[1], "time_ratio", f"time ÷ {rows[0].get('vs_model')}'s (median of interleaved pairs)"),
+    ):
+        pts = []
+        for r in rows:
+            if r.get(key) is None:
+                continue
+            _, color, marker = SERIES.get(r.get("family") or "timm", SERIES["timm"])
+            filled = r.get("image_size") == 224
+            ax.plot([r["gflops"]], [r[key]], marker=marker, ms=9, ls="", color=color,
+                    markerfacecolor=color if filled else "white", markeredgewidth=1.5)
+            pts.append((r["gflops"], r[key], r["label"]))
+        place_labels(ax, pts, fontsize=6.5)
+        ax.set_xlabel("GFLOPS per image (2 per multiply-add), at the row's input size")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(1.0, color="gray", lw=0.8, ls=":")
+    fams = [f for f in SERIES if any(r.get("family") == f for r in rows)]
+    handles = [plt.Line2D([], [], marker=SERIES[f][2], color=SERIES[f][1], ls="", ms=8) for f in fams]
+    handles.append(plt.Line2D([], [], marker="o", color="0.3", markerfacecolor="white", ls="", ms=8))
+    axes[0].legend(handles, [SERIES[f][0] for f in fams] + ["hollow: input other than 224x224"], fontsize=7, loc="upper left")
+    r0 = rows[0]
+    fig.suptitle(f"{t.title}\nlatency on {r0.get('latency_device') or '?'} against GFLOPS", fontsize=10)
     return _save(fig, path)

@@ -258,6 +258,7 @@ def _row(
         "params_m": fl.get("params_m"),
         "gflops": fl.get("gflops"),
         "latency_ms": lat.get("median_ms"),
+        "peak_mem_mb": lat.get("peak_mem_mb"),
         "vs_model": lat.get("vs_model"),
         "vs_latency_ms": lat.get("vs_median_ms"),
         "time_ratio": lat.get("time_ratio"),
@@ -340,9 +341,17 @@ def _f(x: Any, digits: int = 2, signed: bool = False) -> str:
 
 def columns(t: StudyTable) -> list[tuple[str, str]]:
     """(key, header) of the table, in order."""
+    peers = any((r.get("spec") or {}).get("timm") for r in t.rows)  # timm models: cost only, not in the paper
     cols = [("label", "variant"), ("model", "model")]
-    cols += [("params_m", "params (M)"), ("paper_params_m", "paper params (M)"), ("d_params_m", "Δ params")]
-    cols += [("gflops", "GFLOPS"), ("paper_gflops", "paper GFLOPS"), ("d_gflops", "Δ GFLOPS")]
+    if peers:
+        cols += [("family", "family"), ("params_m", "params (M)"), ("gflops", "GFLOPS")]
+    else:
+        cols += [("params_m", "params (M)"), ("paper_params_m", "paper params (M)"), ("d_params_m", "Δ params")]
+        cols += [("gflops", "GFLOPS"), ("paper_gflops", "paper GFLOPS"), ("d_gflops", "Δ GFLOPS")]
+    if len({r.get("image_size") for r in t.rows if r.get("image_size")}) > 1:
+        cols.insert(2, ("image_size", "input"))  # e.g. the peers study: each model at its own size
+    if peers:  # absolute cost, not only ratios
+        cols += [("latency_ms", "latency (ms/batch)"), ("peak_mem_mb", "peak memory (MB)")]
     vs = {r.get("vs_model") for r in t.rows if r.get("time_ratio") is not None}
     cols += [("time_ratio", f"latency ratio vs {vs.pop()}" if len(vs) == 1 else "latency ratio vs baseline")]
     base = next((r["label"] for r in t.rows if r["is_base"]), t.base_variant)
@@ -352,6 +361,8 @@ def columns(t: StudyTable) -> list[tuple[str, str]]:
         cols.append((f"diff:{s.key}", f"ours − {base} [95% interval]"))
         cols.append((f"verdict:{s.key}", "verdict"))
     metric = t.study.metric if t.study else "top-1"
+    if peers and not any(r.get("paper_top1") is not None for r in t.rows):
+        return cols
     cols.append(("paper_top1", f"paper: {metric}"))
     if any(r.get("paper_d_base") is not None for r in t.rows):
         cols.append(("paper_d_base", f"paper − {base}"))
@@ -386,8 +397,10 @@ def cell(row: dict[str, Any], key: str, one_baseline: bool = False) -> str:
         return f"{v:.2f}×" if one_baseline else f"{v:.2f}× vs {row.get('vs_model')}"
     if key in ("paper_top1", "paper_gflops", "paper_params_m"):
         return _f(v, 1)
-    if key == "latency_ms":
+    if key in ("latency_ms", "peak_mem_mb"):
         return _f(v, 1)
+    if key == "image_size":
+        return "—" if v is None else f"{v}²"
     return _f(v)
 
 
@@ -403,7 +416,7 @@ def markdown(t: StudyTable) -> str:
 CSV_KEYS = [
     "variant", "label", "model", "family", "vary", "image_size", "num_classes", "params_m", "paper_params_m",
     "d_params_m", "gflops", "paper_gflops", "d_gflops", "latency_ms", "vs_model", "vs_latency_ms", "time_ratio",
-    "latency_batch", "latency_image_size", "latency_device",
+    "latency_batch", "latency_image_size", "latency_device", "peak_mem_mb",
 ]
 
 

@@ -52,3 +52,17 @@ def _stale_reason(rec: dict[str, Any], known: dict[str, Path], cache: dict) -> s
 
 def _bare(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "name"}
+
+
+def varied_fields(studies_dir: Path | None = None) -> dict[str, set[str]]:
+    """Per study, the setting fields (image size, classes, backend) its own variants differ in:
+    the peers study runs each model at its own input size on purpose, so the report does not
+    call its results mixed. A study that cannot be expanded here (timm missing) varies nothing."""
+    out: dict[str, set[str]] = {}
+    for name, path in find_studies(studies_dir).items():
+        try:
+            specs = [v.spec for v in expand(load_study(path))]
+        except SasaError:
+            continue
+        out[name] = {f for f in ("image_size", "num_classes", "backend") if len({getattr(s, f) for s in specs}) > 1}
+    return out

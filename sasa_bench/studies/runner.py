@@ -115,6 +115,8 @@ def plan(study: Study, opts: RunOptions) -> tuple[list[Variant], list[Unit]]:
     if opts.train != "none" and any(v.spec.detector != "none" for v in variants):
         raise SasaError(f"study {study.name!r} holds detectors: run it with --train none (params, FLOPs, "
                         "latency); train one with `sasa-bench train --task detection`")
+    if opts.train != "none" and any(v.spec.timm for v in variants):  # recipes narrow our models only
+        raise SasaError(f"study {study.name!r} compares timm models: run it with --train none (params, FLOPs, latency, memory)")
     if opts.train != "none":
         cfg = train_config(opts, 0)
         check_training_data(cfg)
@@ -323,9 +325,9 @@ def _training_precision(requested: str) -> str:
 
 def _training_device() -> Any:
     """Where `sasa-bench train` (and so a study's training) runs: CUDA when available."""
-    import torch
+    from sasa_bench.hardware import parse_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device("auto")
 
 
 def check_training_data(cfg: Any) -> None:
@@ -398,10 +400,11 @@ def train_unit(
 
 
 def env_info(device: str = "auto") -> dict[str, Any]:
-    """The host behind a result (CPU model and ISA, native bf16, GPU, versions, threads)."""
-    import torch
+    """The host behind a result (hardware.host_info: CPU model and ISA, native bf16, GPU, versions)."""
+    from sasa_bench.errors import SasaError
+    from sasa_bench.hardware import host_info, parse_device
 
-    from sasa_bench.hardware import host_info
-
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    return host_info("cuda" if use_cuda else "cpu")
+    try:
+        return host_info(parse_device(device))
+    except SasaError:  # only latency runs on --device (checked by plan); training falls back to the CPU
+        return host_info("cpu")

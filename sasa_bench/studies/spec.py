@@ -7,8 +7,8 @@ A study is a TOML file in ``ablations/`` (the file name, without ``.toml``, is t
     description = "..."                   # what is varied and why
     metric = "ImageNet val top-1"         # what the paper's accuracy numbers are
     vary = "kernel_size"                  # optional: the ModelSpec field the variants vary (x axis)
-    plots = ["sweep"]                     # optional: sweep | bars | pareto | latency
-    latency_vs = "base"                   # "base" (the base model) or a preset name
+    plots = ["sweep"]                     # optional: sweep | bars | pareto | latency | latency_gflops
+    latency_vs = "base"                   # "base" (the base model), a preset name or timm:NAME
 
     [base]
     model = "sasa_resnet50_convstem"      # a preset (`sasa-bench models`)
@@ -17,7 +17,7 @@ A study is a TOML file in ``ablations/`` (the file name, without ``.toml``, is t
     [[variant]]
     name = "k3"                           # file-safe id (result files are named after it)
     label = "k = 3"                       # optional display name (default: name)
-    model = "resnet50"                    # optional: another preset than the base's
+    model = "resnet50"                    # optional: another preset than the base's, or timm:NAME
     set = { kernel_size = 3 }             # optional: ModelSpec overrides on top of [base]
     paper = { top1 = 76.4 }               # optional: the paper's numbers (top1, gflops, params_m)
     note = "..."                          # optional: e.g. where a paper number comes from
@@ -40,7 +40,7 @@ import tomllib
 from sasa_bench.errors import SasaError
 from sasa_bench.spec import PRESETS, SPEC_FIELDS
 
-PLOTS = ("sweep", "bars", "pareto", "latency")
+PLOTS = ("sweep", "bars", "pareto", "latency", "latency_gflops")
 PAPER_KEYS = ("top1", "gflops", "params_m")
 _TOP_KEYS = {"title", "paper_ref", "description", "metric", "vary", "plots", "latency_vs", "base", "variant"}
 _VARIANT_KEYS = {"name", "label", "model", "set", "paper", "note", "latency_vs"}
@@ -213,9 +213,16 @@ def study_from_dict(data: dict[str, Any], name: str, path: Path | None = None) -
     )
 
 
+_TIMM_RE = re.compile(r"^timm:[A-Za-z0-9_.-]+$")
+
+
 def _preset(name: Any, fail: Any) -> str:
+    """A preset, or ``timm:NAME`` (checked against timm's registry when the study is expanded,
+    so ``ablate --list`` works without timm installed)."""
+    if isinstance(name, str) and _TIMM_RE.match(name):
+        return name
     if not isinstance(name, str) or name not in PRESETS:
-        raise fail(f"unknown model {name!r} (presets: {', '.join(PRESETS)})")
+        raise fail(f"unknown model {name!r} (presets: {', '.join(PRESETS)}, or timm:NAME)")
     return name
 
 
