@@ -227,7 +227,8 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
     write_run_config(out_dir, spec, cfg, st.history, env,
                      {"task": "detection", "backbone_checkpoint": str(backbone_ckpt) if backbone_ckpt else None})
     bar = TrainProgress(progress, plan.stop_at, spe, cfg.log_every, on_step, on_log)
-    tb = tensorboard.open_log(tb_on, out_dir, env.is_main, st.global_step)
+    tb = tensorboard.open_log(tb_on, out_dir, env.is_main,
+                              st.global_step if st.resumed_from is not None else None)
     if progress:
         bar.log(f"{spec.name}: {n_params / 1e6:.2f} M params, coco {len(train_data)} train / {len(eval_data)} eval images"
                 f" ({train_data.skipped_boxes + eval_data.skipped_boxes} degenerate boxes skipped), {plan.stop_at} steps "

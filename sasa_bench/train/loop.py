@@ -250,7 +250,8 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
     write_run_config(out_dir, spec, cfg, st.history, env)
 
     bar = TrainProgress(progress, plan.stop_at, plan.spe, cfg.log_every, on_step, on_log)
-    tb = tensorboard.open_log(tb_on, out_dir, env.is_main, st.global_step)
+    tb = tensorboard.open_log(tb_on, out_dir, env.is_main,
+                              st.global_step if st.resumed_from is not None else None)
     if progress:
         accum = f", {cfg.grad_accum_steps} accumulation steps" if (cfg.grad_accum_steps or 1) > 1 else ""
         bar.log(

@@ -6,7 +6,8 @@ package is installed, off otherwise; ``--tensorboard`` without it is one error l
 Tags: every numeric ``metrics.csv`` column under ``epoch/<column>`` at the row's global step
 (so ``epoch/eval_top1`` holds the same numbers as the CSV), and ``step/loss``, ``step/lr``,
 ``step/images_per_s`` at every optimiser step. A resumed run purges the events written after its
-checkpoint's step (``purge_step``), so the curves have no doubled segment.
+checkpoint's step, and a fresh run in a reused directory all earlier ones (``purge_step``), so
+the curves have no doubled segment.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def enabled(requested: bool | None) -> bool:
 class TensorBoardLog:
     """A SummaryWriter under ``out_dir/tensorboard``; every method is a no-op once closed."""
 
-    def __init__(self, out_dir: Path, purge_step: int | None = None) -> None:
+    def __init__(self, out_dir: Path, purge_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(out_dir) / SUBDIR
-        self.writer: Any = SummaryWriter(str(self.dir), purge_step=purge_step or None)
+        self.writer: Any = SummaryWriter(str(self.dir), purge_step=purge_step)
 
     def step(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
         if self.writer is None:
@@ -73,6 +74,10 @@ class NoLog(TensorBoardLog):
         self.writer = None
 
 
-def open_log(requested: bool | None, out_dir: Path, is_main: bool, purge_step: int = 0) -> TensorBoardLog:
+def open_log(requested: bool | None, out_dir: Path, is_main: bool, resumed_at: int | None) -> TensorBoardLog:
+    """The run's log (rank 0, when on). ``resumed_at``: the checkpoint's step (its events are
+    kept, later ones dropped), or None for a fresh run (every earlier event dropped)."""
     on = enabled(requested)  # checked on every rank: the same error everywhere
-    return TensorBoardLog(out_dir, purge_step) if on and is_main else NoLog()
+    if not (on and is_main):
+        return NoLog()
+    return TensorBoardLog(out_dir, 0 if resumed_at is None else resumed_at + 1)
