@@ -37,6 +37,7 @@ def bench_data(
     opts = DataBenchOptions(data=data, data_dir=data_dir, workers=workers, batch_size=batch_size, batches=batches,
                             warmup=warmup, decode=decode, device=device, precision=precision,
                             channels_last=channels_last, model_iters=model_iters, threads=threads)
+    opts.validate()  # bad options: one line, before any progress line
     with step_progress("data pipeline") as progress:
         row = bench_data(spec, opts, progress)
     emit([row], format, None if format == "json" else COLUMNS,
