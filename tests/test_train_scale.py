@@ -183,13 +183,18 @@ def test_resumed_run_has_no_doubled_tensorboard_steps(tmp_path):
     """A run resumed from an older checkpoint re-trains steps it had logged: those events go."""
     pytest.importorskip("tensorboard")
     import shutil
+    import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # TensorBoard orders event files by name (their creation second, then a per-process counter
+    # that sorts as text): real resumes are separate processes, seconds apart; so are these.
     run_training(tiny_spec(), tiny_cfg(max_steps=3), tmp_path, progress=False)
     shutil.copy(tmp_path / "checkpoint.pt", tmp_path / "at3.pt")
+    time.sleep(1.1)
     run_training(tiny_spec(), tiny_cfg(max_steps=6), tmp_path, progress=False, resume="auto")
     shutil.copy(tmp_path / "at3.pt", tmp_path / "checkpoint.pt")  # as if steps 4-6 were lost
+    time.sleep(1.1)
     s = run_training(tiny_spec(), tiny_cfg(), tmp_path, progress=False, resume="auto")
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
