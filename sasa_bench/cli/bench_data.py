@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from sasa_bench.cli.options import ModelOptions, model_options
+from sasa_bench.choices import Format, Precision, plain
+from sasa_bench.cli.options import FormatOpt, ModelOptions, device_option, model_options
 
 COLUMNS = ["model", "data", "workers", "decode", "batch_size", "image_size", "data_images_per_s",
            "model_images_per_s", "ratio", "keeps_up"]
@@ -20,22 +21,22 @@ def bench_data(
     batches: Annotated[int, typer.Option(help="Timed pipeline batches.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed first batches (worker start-up).")] = 2,
     decode: Annotated[str, typer.Option(help="cpu (PIL, as train) | gpu (nvJPEG decode_jpeg + augmentation on CUDA).")] = "cpu",
-    device: Annotated[str, typer.Option(help="Where the model's training step is timed: auto | cpu | cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="The model step's precision: fp32 | bf16 | fp16 | auto.")] = "fp32",
+    device: Annotated[str, device_option("Where the model's training step is timed: ")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="The model step's autocast precision; auto = bf16 where native.")] = Precision.FP32,
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="Channels-last model step.")] = False,
     model_iters: Annotated[int, typer.Option(help="Timed training steps of the model.")] = 5,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads. (default: torch's)")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="table | json | csv.")] = "table",
+    fmt: FormatOpt = Format.TABLE,
 ) -> None:
     """Images/s of the training pipeline (decode + augmentation) against the model's training
     images/s, measured in the same run: the loader keeps up when its rate is the higher."""
     from sasa_bench.cli.output import check_format, emit, step_progress
     from sasa_bench.measure.data_bench import DataBenchOptions, bench_data
 
-    check_format(format)
+    format = check_format(fmt)
     spec = model_opts.spec()
     opts = DataBenchOptions(data=data, data_dir=data_dir, workers=workers, batch_size=batch_size, batches=batches,
-                            warmup=warmup, decode=decode, device=device, precision=precision,
+                            warmup=warmup, decode=decode, device=device, precision=plain(precision),
                             channels_last=channels_last, model_iters=model_iters, threads=threads)
     opts.validate()  # bad options: one line, before any progress line
     with step_progress("data pipeline") as progress:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from sasa_bench.choices import Format, Precision, plain
+from sasa_bench.cli.options import FormatOpt
 from sasa_bench.cli.output import emit
 
 COLUMNS = ["model", "data", "split", "weights", "images", "top1", "top5", "loss", "params", "image_size", "step"]
@@ -21,11 +23,11 @@ def eval_checkpoint(
     all_images: Annotated[bool, typer.Option("--all-images", help="The whole eval split, even if the run evaluated a subset.")] = False,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="The EMA weights when the run kept them (--no-ema: the raw weights).")] = True,
     batch_size: Annotated[int | None, typer.Option(help="Eval batch size per process. (default: the run's)")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 | auto. (default: the run's)")] = None,
+    precision: Annotated[Precision | None, typer.Option(help="Autocast precision; auto = bf16 where native. (default: the run's)")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (ImageFolder).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     backend: Annotated[str | None, typer.Option(help="Attention backend. (default: the run's)")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="table | json | csv.")] = "table",
+    fmt: FormatOpt = Format.TABLE,
 ) -> None:
     """Top-1/top-5 (%), loss, params and image size of a checkpoint's model on an eval split.
 
@@ -36,13 +38,13 @@ def eval_checkpoint(
     from sasa_bench.errors import SasaError
     from sasa_bench.train.evaluation import KEEP, evaluate_checkpoint
 
-    check_format(format)
+    format = check_format(fmt)
     if all_images and eval_images is not None:
         raise SasaError("--all-images and --eval-images exclude each other")
     row = evaluate_checkpoint(
         checkpoint, data=data, data_dir=data_dir, holdout=holdout,
         eval_images=None if all_images else (eval_images if eval_images is not None else KEEP),
-        use_ema=ema, batch_size=batch_size, precision=precision, workers=workers, backend=backend, threads=threads,
+        use_ema=ema, batch_size=batch_size, precision=plain(precision), workers=workers, backend=backend, threads=threads,
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints
         return
