@@ -16,7 +16,7 @@ from sasa_bench.cli.app import main
 from sasa_bench.errors import SasaError
 from sasa_bench.train import NonFiniteLoss, resolve_config, run_training, spec_for
 from sasa_bench.train.data import InMemoryData
-from sasa_bench.train.loop import WarmupCosine, lr_at
+from sasa_bench.train.optim import WarmupCosine, lr_at
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_FLAGS, tiny_cfg, tiny_spec  # noqa: E402

@@ -66,7 +66,7 @@ def _emulate_two_ranks(cfg_file: Path, steps: int) -> dict[str, torch.Tensor]:
     from sasa_bench.models.resnet import zero_init_residual
     from sasa_bench.train import resolve_config
     from sasa_bench.train.data import DataConfig, load_data, train_steps
-    from sasa_bench.train.loop import WarmupCosine, param_groups, schedule_steps
+    from sasa_bench.train.optim import WarmupCosine, param_groups, schedule_steps
 
     torch.set_num_threads(1)
     cfg = resolve_config("short", cfg_file, {"data": "synthetic", "precision": "fp32", "batch_size": 64,

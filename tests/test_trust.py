@@ -232,10 +232,13 @@ def test_resume_refuses_changed_settings_unless_overridden(tmp_path: Path, capsy
 def test_out_of_an_existing_run_without_resume_is_refused(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert _train(out, capsys, "--max-steps", "2")[0] == 0
-    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    def files() -> dict[Path, bytes]:  # every file, the tensorboard/ events included
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
     code, _, err = _train(out, capsys, "--max-steps", "2")
     assert code == 2 and "already holds a run" in one_line(err) and "--resume auto" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert files() == before
 
 
 # --------------------------------------------------------------------------- 4. OS errors, signals

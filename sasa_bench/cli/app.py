@@ -16,7 +16,9 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from sasa_bench.cli import ablate as ablate_cmd
+from sasa_bench.cli import bench_data as bench_data_cmd
 from sasa_bench.cli import bench_layer as bench_layer_cmd
+from sasa_bench.cli import eval as eval_cmd
 from sasa_bench.cli import flops as flops_cmd
 from sasa_bench.cli import latency as latency_cmd
 from sasa_bench.cli import report as report_cmd
@@ -48,8 +50,10 @@ def _root(
 app.command("flops")(flops_cmd.flops)
 app.command("models")(flops_cmd.models)
 app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_checkpoint)
 app.command("latency")(latency_cmd.latency)
 app.command("bench-layer")(bench_layer_cmd.bench_layer)
+app.command("bench-data")(bench_data_cmd.bench_data)
 app.command("ablate")(ablate_cmd.ablate)
 app.command("report")(report_cmd.report)
 

@@ -109,27 +109,34 @@ class ModelOptions:
         return specs[0]
 
 
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: add the shared model flags to a command; it receives ``model_opts``."""
+def _inject(func: Callable[..., Any], params: dict[str, tuple[Any, Any]], target: str,
+            make: Callable[[dict[str, Any]], Any]) -> Callable[..., Any]:
+    """Add ``params`` (name -> (annotation, default)) to ``func``'s Typer signature; the command
+    receives them gathered as ``target=make(values)``. Stackable (each adds its own group)."""
     sig = inspect.signature(func)
-    own = [p for name, p in sig.parameters.items() if name != "model_opts"]
+    own = [p for name, p in sig.parameters.items() if name != target]
     extra = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
-        for name, (ann, default) in _MODEL_PARAMS.items()
+        for name, (ann, default) in params.items()
     ]
     own_kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name, None) for name in _MODEL_PARAMS}
-        return func(*args, model_opts=ModelOptions(values), **kwargs)
+        values = {name: kwargs.pop(name, None) for name in params}
+        return func(*args, **{target: make(values)}, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own_kw + extra)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {
-        **{k: v for k, v in func.__annotations__.items() if k != "model_opts"},
-        **{name: ann for name, (ann, _) in _MODEL_PARAMS.items()},
+        **{k: v for k, v in func.__annotations__.items() if k != target},
+        **{name: ann for name, (ann, _) in params.items()},
     }
     return wrapper
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: add the shared model flags to a command; it receives ``model_opts``."""
+    return _inject(func, _MODEL_PARAMS, "model_opts", ModelOptions)
 
 
 # Shared option types: one definition each, so every command validates, completes and documents
@@ -149,3 +156,40 @@ def device_option(help_prefix: str = "", panel: str | None = None, auto: bool = 
     """The --device option (free text: cuda:N is open-ended; parsed by hardware.parse_device)."""
     text = DEVICE_HELP if auto else DEVICE_HELP.replace("auto (cuda if available) | ", "")
     return typer.Option(help=f"{help_prefix}{text}", rich_help_panel=panel, autocompletion=complete_device)
+
+
+# --------------------------------------------------------------------------- training flags
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def train_params() -> dict[str, tuple[Any, Any]]:
+    """One flag per :class:`TrainConfig` field (metadata ``cli`` not False), generated from the
+    field's type (or its metadata's ``choices``, a :class:`~sasa_bench.choices.Choice` set) and
+    its metadata's help and panel; default None = "not given" (the recipe, then ``--config``,
+    decide). Booleans get ``--x/--no-x``."""
+    import dataclasses
+
+    from sasa_bench.train.recipes import TrainConfig
+
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kinds = [p.strip() for p in ann.split("|") if p.strip() != "None"]
+        if len(kinds) != 1 or kinds[0] not in _SCALARS:
+            raise TypeError(f"TrainConfig.{f.name}: no flag for type {ann}")  # a programming error
+        flag = "--" + f.name.replace("_", "-")
+        names = [f"{flag}/--no-{flag[2:]}"] if kinds[0] == "bool" else [flag]
+        option = typer.Option(*names, help=f.metadata.get("help", ""), rich_help_panel=f.metadata.get("panel", "Training"))
+        kind = f.metadata.get("choices") or _SCALARS[kinds[0]]
+        out[f.name] = (Annotated[kind | None, option], None)
+    return out
+
+
+def train_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: add a flag per training setting; the command receives ``train_overrides``, a
+    dict of the given ones (``None`` = not given; choices as plain strings) for
+    :func:`~sasa_bench.train.resolve_config`."""
+    return _inject(func, train_params(), "train_overrides", lambda values: {k: plain(v) for k, v in values.items()})

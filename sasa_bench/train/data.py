@@ -292,18 +292,24 @@ def _image_folder(path: Path):
         raise SasaError(f"bad ImageFolder layout in {path}: {e}") from None
 
 
-def load_imagenet(
-    root: Path, image_size: int, holdout: bool, workers: int
-) -> tuple[FolderData, FolderData]:
+def imagenet_transforms(image_size: int):
+    """(train, eval) transforms: RandomResizedCrop + flip; resize to 256/224 of the input, center crop."""
     from torchvision import transforms as T
 
-    if not root.is_dir():
-        raise SasaError(f"ImageNet directory {root} not found")
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose(
         [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(), norm]
     )
+    return train_tf, eval_tf
+
+
+def load_imagenet(
+    root: Path, image_size: int, holdout: bool, workers: int
+) -> tuple[FolderData, FolderData]:
+    if not root.is_dir():
+        raise SasaError(f"ImageNet directory {root} not found")
+    train_tf, eval_tf = imagenet_transforms(image_size)
     train = _image_folder(root / "train")
     n_cls = len(train.classes)
     if holdout:
@@ -370,6 +376,36 @@ def load_data(cfg: DataConfig) -> tuple[TrainData, TrainData]:
     """(train, eval) splits for ``cfg.data``, cut to ``train_images`` / ``eval_images``."""
     train, evaluation = _load_splits(cfg)
     return take(train, cfg.train_images), take(evaluation, cfg.eval_images)
+
+
+def load_train_data(cfg: DataConfig) -> TrainData:
+    """The training split alone (``bench-data``: an ImageNet root needs no val folder for it)."""
+    if cfg.data == "imagenet" and cfg.data_dir and not cfg.holdout:
+        root = Path(cfg.data_dir)
+        if not root.is_dir():
+            raise SasaError(f"ImageNet directory {root} not found")
+        train = _image_folder(root / "train")
+        tf = imagenet_transforms(cfg.image_size)[0]
+        return take(FolderData(train, None, tf, len(train.classes), cfg.workers), cfg.train_images)
+    return load_data(cfg)[0]
+
+
+def load_eval_data(cfg: DataConfig) -> TrainData:
+    """The eval split alone, cut to ``eval_images`` (what :func:`load_data` evaluates on), without
+    scanning ImageNet's training folder unless the held-out split needs it."""
+    if cfg.data == "imagenet" and not cfg.holdout and cfg.data_dir:
+        root = Path(cfg.data_dir)
+        if not root.is_dir():
+            raise SasaError(f"ImageNet directory {root} not found")
+        val = _image_folder(root / "val")
+        return take(FolderData(val, None, imagenet_transforms(cfg.image_size)[1], len(val.classes), cfg.workers),
+                    cfg.eval_images)
+    if cfg.data == "fashion-mnist" and not cfg.holdout:
+        root = Path(cfg.data_dir) if cfg.data_dir else FASHION_MNIST_DIR
+        return take(load_fashion_mnist(root, "test", cfg.image_size, False), cfg.eval_images)
+    if cfg.data == "synthetic":
+        return take(make_synthetic(cfg.synthetic_eval, cfg.num_classes, cfg.image_size, 2), cfg.eval_images)
+    return take(_load_splits(cfg)[1], cfg.eval_images)
 
 
 def _load_splits(cfg: DataConfig) -> tuple[TrainData, TrainData]:

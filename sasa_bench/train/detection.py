@@ -18,7 +18,6 @@ affine still trains); from scratch they train.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -34,25 +33,24 @@ from sasa_bench.models import build_model
 from sasa_bench.models.detection import SasaRetinaNet, load_backbone
 from sasa_bench.progress import TrainProgress
 from sasa_bench.spec import DETECTION_DEFAULTS, ModelSpec
-from sasa_bench.store import atomic_write_json
 from sasa_bench.train import checkpoint as ckpt
 from sasa_bench.train import distributed as D
+from sasa_bench.train import tensorboard
 from sasa_bench.train.coco import CocoData, coco_eval
 from sasa_bench.train.data import eval_shard, steps_per_epoch, train_steps
-from sasa_bench.train.loop import (
-    _autocast,
-    _set_determinism,
-    _write_metrics,
+from sasa_bench.train.engine import (
+    Plan,
+    Task,
+    Trainer,
+    autocast,
     check_out_dir,
-    checkpoint_payload,
-    make_optimisation,
-    optimizer_step,
-    schedule_steps,
-    start_or_resume,
-    weights_digest,
+    micro_batch_size,
+    set_determinism,
     write_run_config,
 )
+from sasa_bench.train.optim import make_optimisation, schedule_steps
 from sasa_bench.train.recipes import TrainConfig
+from sasa_bench.train.state import TrainState
 
 DETECTION_DATASETS = ("coco",)
 MAP_KEYS = ("map", "map_50", "map_75", "map_s", "map_m", "map_l")
@@ -106,7 +104,7 @@ def evaluate_detection(model: nn.Module, data: CocoData, env: D.DistEnv, batch_s
     idx = eval_shard(len(data), env.rank, env.world).tolist()
     for lo in range(0, len(idx), batch_size):
         got = [data.get(i) for i in idx[lo : lo + batch_size]]
-        with _autocast(env.device, precision):
+        with autocast(env.device, precision):
             out = model([g[0].to(env.device) for g in got])
         for (_, _, image_id), det in zip(got, out, strict=True):
             for box, score, label in zip(det["boxes"].float().cpu().tolist(), det["scores"].float().cpu().tolist(),
@@ -160,21 +158,52 @@ def run_detection_training(
         D.teardown(env)
 
 
+class DetectionTask(Task):
+    columns = METRIC_COLUMNS
+    headline = "map"
+
+    def __init__(self, train_data: CocoData, eval_data: CocoData, cfg: TrainConfig, env: D.DistEnv) -> None:
+        self.train_data, self.eval_data, self.cfg, self.env = train_data, eval_data, cfg, env
+        self.eval_bs = cfg.eval_batch_size or max(1, cfg.batch_size // env.world)
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, tuple]]:
+        cfg, env = self.cfg, self.env
+        index_batches = train_steps(len(self.train_data), cfg.seed, epoch, cfg.batch_size, env.rank, env.world, start_step)
+        workers = min(cfg.workers, os.cpu_count() or 1)
+        for s, images, targets in _batches(self.train_data, index_batches, cfg.seed, epoch, workers):
+            yield s, (images, targets)
+
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        device = self.env.device
+        images = [im.to(device) for im in batch[0]]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
+        with autocast(device, self.cfg.precision):
+            losses = model(images, targets)
+        return sum(v.float() for v in losses.values())
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        return evaluate_detection(model, self.eval_data, self.env, self.eval_bs, self.cfg.precision)
+
+    def eval_row(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {k: metrics.get(k) for k in MAP_KEYS}
+
+    def eval_words(self, metrics: dict[str, Any]) -> str:
+        return f"mAP {metrics['map']:.2f} AP50 {metrics['map_50']:.2f}"
+
+
 def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resume: Any, backbone_ckpt: Path | None,
          env: D.DistEnv, resume_override: bool) -> dict[str, Any]:
     progress, on_step, on_log = reporter
-    t_start = time.perf_counter()
     cfg.precision = resolve_precision(cfg.precision, env.device, warn=env.is_main)
-    _set_determinism(cfg)
-    if cfg.batch_size % env.world:
-        raise SasaError(f"batch size {cfg.batch_size} is not divisible by the {env.world} processes")
+    set_determinism(cfg)
+    micro_batch_size(cfg, env.world)  # one line if the batch does not split
+    tb_on = tensorboard.enabled(cfg.tensorboard)
     train_data, eval_data = load_detection_data(cfg, spec)
     spe = steps_per_epoch(len(train_data), cfg.batch_size)
     if spe == 0:
         raise SasaError(f"the training set ({len(train_data)} images) is smaller than one batch of {cfg.batch_size}")
     warmup_steps, total_steps = schedule_steps(cfg, spe)
-    n_epochs = math.ceil(total_steps / spe)
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    plan = Plan(spe, warmup_steps, total_steps, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps)
 
     model: SasaRetinaNet = build_model(spec)
     # Frozen BN statistics only for a loaded backbone: from scratch they would freeze at the init's
@@ -190,128 +219,35 @@ def _run(spec: ModelSpec, cfg: TrainConfig, out_dir: Path, reporter: tuple, resu
                 m.momentum = cfg.bn_momentum
     model.to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
-    opt, sched, scaler, ema, lr_lambda = make_optimisation(model, cfg, env, warmup_steps, total_steps)
-
-    ckpt_path = out_dir / ckpt.NAME
-    cfg_dict = cfg.to_dict()
-    at, ema = start_or_resume(resume, out_dir, spec, cfg, resume_override, (model, opt, sched, scaler, ema),
-                              lr_lambda, "best_map")
-    global_step, epoch, step_in_epoch, prior_wall = at.global_step, at.epoch, at.step_in_epoch, at.prior_wall
-    loss_sum, loss_n, epoch_time = at.loss_sum, at.loss_n, at.epoch_time
-    rows, history, best_map, src = at.rows, at.history, at.best, at.src
+    opt, sched, scaler, ema, lr_lambda = make_optimisation(model, cfg, env.device, warmup_steps, total_steps)
+    st = TrainState(model, opt, sched, scaler, ema, lr_lambda, spec, cfg, best_key="best_map")
+    st.restore(resume, out_dir, resume_override)
 
     train_model = D.wrap_model(model, env, cfg.sync_bn and env.enabled)
-    write_run_config(out_dir, spec, cfg, history, env,
+    write_run_config(out_dir, spec, cfg, st.history, env,
                      {"task": "detection", "backbone_checkpoint": str(backbone_ckpt) if backbone_ckpt else None})
-
-    def save_checkpoint(ep: int, sie: int) -> None:
-        if not env.is_main:
-            return
-        if sie >= spe:
-            ep, sie = ep + 1, 0
-        position = dict(global_step=global_step, epoch=ep, step_in_epoch=sie, loss_sum=loss_sum, loss_n=loss_n,
-                        epoch_time=epoch_time)
-        ckpt.save(ckpt_path, checkpoint_payload(
-            (model, opt, sched, scaler, ema), position, metrics=rows, best_map=best_map,
-            wall_s=prior_wall + time.perf_counter() - t_start, spec=spec.to_dict(), config=cfg_dict, config_history=history,
-        ))
-
-    eval_model = ema.module if ema is not None else model
-    eval_bs = cfg.eval_batch_size or max(1, cfg.batch_size // env.world)
-
-    def run_eval() -> dict[str, Any]:
-        nonlocal best_map
-        for m in (model, ema.module if ema is not None else None):  # BN statistics: per rank until here
-            if m is not None:
-                D.average_buffers(m, env)
-        m = evaluate_detection(eval_model, eval_data, env, eval_bs, cfg.precision)
-        best_map = max(best_map or 0.0, m["map"])
-        return m
-
-    last_eval: dict[str, Any] | None = None
-    last_eval_step = -1
-    final_loss = rows[-1]["train_loss"] if rows else None
-    train_time, train_images = 0.0, 0
-    bar = TrainProgress(progress, stop_at, spe, cfg.log_every, on_step, on_log)
+    bar = TrainProgress(progress, plan.stop_at, spe, cfg.log_every, on_step, on_log)
+    tb = tensorboard.open_log(tb_on, out_dir, env.is_main,
+                              st.global_step if st.resumed_from is not None else None)
     if progress:
         bar.log(f"{spec.name}: {n_params / 1e6:.2f} M params, coco {len(train_data)} train / {len(eval_data)} eval images"
-                f" ({train_data.skipped_boxes + eval_data.skipped_boxes} degenerate boxes skipped), {stop_at} steps "
+                f" ({train_data.skipped_boxes + eval_data.skipped_boxes} degenerate boxes skipped), {plan.stop_at} steps "
                 f"({spe}/epoch, batch {cfg.batch_size} on {env.world} proc, {cfg.precision}) -> {out_dir}"
-                + (f" (resumed at step {global_step})" if src is not None else ""))
-    model.train()
-    with bar:
-        bar.start(global_step)
-        while global_step < stop_at:
-            steps_this_epoch = min(spe, total_steps - epoch * spe)
-            bar.epoch(epoch, n_epochs, step_in_epoch, steps_this_epoch)
-            index_batches = train_steps(len(train_data), cfg.seed, epoch, cfg.batch_size, env.rank, env.world, step_in_epoch)
-            t_ep = time.perf_counter()
-            workers = min(cfg.workers, os.cpu_count() or 1)
-            for s, images, targets in _batches(train_data, index_batches, cfg.seed, epoch, workers):
-                if s >= steps_this_epoch or global_step >= stop_at:
-                    break
-                images = [im.to(env.device) for im in images]
-                targets = [{k: v.to(env.device) for k, v in t.items()} for t in targets]
-                lr = opt.param_groups[0]["lr"]
-                with _autocast(env.device, cfg.precision):
-                    losses = train_model(images, targets)
-                loss = sum(v.float() for v in losses.values())
-                loss_v = optimizer_step(loss, (model, opt, sched, scaler, ema), cfg, env, ckpt_path,
-                                        f"step {global_step + 1} (epoch {epoch + 1})")
-                global_step, step_in_epoch = global_step + 1, s + 1
-                loss_sum, loss_n = loss_sum + loss_v, loss_n + 1
-                now = time.perf_counter()
-                epoch_time, train_time, train_images, t_ep = epoch_time + now - t_ep, train_time + now - t_ep, train_images + cfg.batch_size, now
-                bar.step(global_step, step_in_epoch, loss_v, lr, train_images / max(train_time, 1e-9))
-                if (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
-                        and step_in_epoch < steps_this_epoch and global_step < stop_at):
-                    save_checkpoint(epoch, step_in_epoch)
-            final_loss = loss_sum / max(1, loss_n)
-            if step_in_epoch < steps_this_epoch:  # stopped by max_steps mid-epoch
-                break
-            is_last = global_step >= stop_at
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "step": global_step, "train_loss": final_loss, "lr": opt.param_groups[0]["lr"],
-                "images_per_s": loss_n * cfg.batch_size / max(epoch_time, 1e-9), "epoch_time_s": epoch_time,
-                "elapsed_s": prior_wall + time.perf_counter() - t_start,
-            }
-            if (epoch + 1) % cfg.eval_every == 0 or is_last:
-                last_eval, last_eval_step = run_eval(), global_step
-                row.update({k: last_eval[k] for k in MAP_KEYS})
-            rows.append(row)
-            bar.log(f"epoch {epoch + 1}/{n_epochs}: train loss {final_loss:.4f}"
-                    + (f", mAP {row['map']:.2f} AP50 {row['map_50']:.2f}" if "map" in row else "") + f", {epoch_time:.1f} s")
-            epoch, step_in_epoch = epoch + 1, 0
-            loss_sum, loss_n, epoch_time = 0.0, 0, 0.0
-            save_checkpoint(epoch, 0)
-            if env.is_main:
-                _write_metrics(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
-
-    stopped_early = global_step < total_steps
-    if last_eval_step != global_step:  # max_steps mid-run, or a resumed finished run
-        last_eval = run_eval()
-        if stopped_early:
-            save_checkpoint(epoch, step_in_epoch)
-    if env.is_main:
-        _write_metrics(out_dir / "metrics.csv", rows, METRIC_COLUMNS)
-    digests = D.all_gather_object(weights_digest(model), env)
-    wall = prior_wall + time.perf_counter() - t_start
+                + (f" (resumed at step {st.global_step})" if st.resumed_from is not None else ""))
+    trainer = Trainer(st, DetectionTask(train_data, eval_data, cfg, env), plan, env, out_dir, train_model, bar, tb)
+    try:
+        last = trainer.fit()
+    finally:
+        tb.close()
     summary = {
         "model": spec.name, "spec": spec.to_dict(), "task": "detection", "data": cfg.data, "recipe": cfg.recipe,
-        **{k: last_eval[k] for k in MAP_KEYS}, "detections": last_eval["detections"], "eval_images": last_eval["n"],
-        "best_map": best_map, "skipped_boxes": train_data.skipped_boxes + eval_data.skipped_boxes,
+        **{k: last[k] for k in MAP_KEYS}, "detections": last["detections"], "eval_images": last["n"],
+        "best_map": st.best, "skipped_boxes": train_data.skipped_boxes + eval_data.skipped_boxes,
         "backbone_checkpoint": str(backbone_ckpt) if backbone_ckpt else None,
-        "epochs": global_step / spe, "planned_epochs": cfg.epochs, "steps": global_step, "planned_steps": total_steps,
-        "stopped_early": stopped_early, "wall_s": wall, "train_s": train_time,
-        "train_images_per_s": train_images / train_time if train_time > 0 else None, "final_loss": final_loss,
-        "params": n_params, "batch_size": cfg.batch_size, "world_size": env.world, "weights_sha256": digests[0],
-        "ranks_in_sync": len(set(digests)) == 1, "device": str(env.device), "precision": cfg.precision,
-        "threads": torch.get_num_threads(), "out_dir": str(out_dir), "checkpoint": str(ckpt_path),
-        "resumed": src is not None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **trainer.summary(n_params),
+        "threads": torch.get_num_threads(), "tensorboard": str(out_dir / tensorboard.SUBDIR) if tb_on else None,
+        "out_dir": str(out_dir), "checkpoint": str(trainer.ckpt_path),
+        "resumed": st.resumed_from is not None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if env.is_main:
-        atomic_write_json(out_dir / "summary.json", summary)
-        bar.log(f"done: mAP {summary['map']:.2f} AP50 {summary['map_50']:.2f} AP75 {summary['map_75']:.2f}, "
-                f"{global_step} steps in {wall:.1f} s -> {out_dir / 'summary.json'}")
-    D.barrier(env)
+    trainer.write_summary(summary, f"mAP {summary['map']:.2f} AP50 {summary['map_50']:.2f} AP75 {summary['map_75']:.2f}")
     return summary

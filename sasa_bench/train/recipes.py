@@ -33,61 +33,76 @@ from typing import Any
 
 import tomllib
 
+from sasa_bench.choices import Precision
 from sasa_bench.errors import SasaError, check_types
 from sasa_bench.hardware import PRECISION_CHOICES as PRECISIONS
+
+_T, _R, _S = "Training", "Run control", "Speed"
+
+
+def _f(default: Any, help: str, panel: str = _T, cli: bool = True, choices: Any = None) -> Any:
+    """A TrainConfig field with what its generated ``train`` flag says (see cli/options.py);
+    ``choices``: the field's :class:`~sasa_bench.choices.Choice` set (the flag validates it)."""
+    return field(default=default, metadata={"help": help, "panel": panel, "cli": cli, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    """Every training hyperparameter. ``lr=None`` means ``lr_base * batch_size / lr_ref_batch``."""
+    """Every training hyperparameter. ``lr=None`` means ``lr_base * batch_size / lr_ref_batch``.
 
-    recipe: str = "paper"
+    Each field's metadata (help, panel) is what its ``sasa-bench train`` flag shows: the flags are
+    generated from these fields (``cli/options.py::train_options``), so a new setting is one line.
+    """
+
+    recipe: str = _f("paper", "The recipe (paper | short).", cli=False)
     # data
-    data: str = "imagenet"
-    data_dir: str | None = None
-    holdout: bool = False
-    augment: bool = True
-    synthetic_train: int = 2048
-    synthetic_eval: int = 512
-    train_images: int | None = None  # train on a fixed random subset of this many images (None = all)
-    eval_images: int | None = None  # evaluate on a fixed random subset (None = the whole eval split)
-    workers: int = 4
-    threads: int | None = None  # torch CPU threads per process (None = torch's default)
+    data: str = _f("imagenet", "imagenet | fashion-mnist | synthetic; detection: coco. (recipe: paper=imagenet, short=fashion-mnist)")
+    data_dir: str | None = _f(None, "Dataset root (imagenet: ROOT/train, ROOT/val; fashion-mnist: the IDX files; coco: ROOT/train2017, ROOT/val2017, ROOT/annotations).")
+    holdout: bool = _f(False, "Evaluate on a 4% held-out split of ImageNet train (fixed), as Tables 3 and 5.")
+    augment: bool = _f(True, "Training augmentation (random crop + flip). (recipe: paper=on, short=off)")
+    synthetic_train: int = _f(2048, "--data synthetic: training images.")
+    synthetic_eval: int = _f(512, "--data synthetic: eval images.")
+    train_images: int | None = _f(None, "Train on a fixed random subset of this many images (the same for every seed). (default: all; short: 10000)")
+    eval_images: int | None = _f(None, "Evaluate on a fixed random subset of this many images. (default: all; short: 5000)")
+    workers: int = _f(4, "DataLoader worker processes (ImageFolder).", _S)
+    threads: int | None = _f(None, "torch CPU threads per process. (default: torch's)", _S)
     # schedule
-    epochs: float = 130
-    max_steps: int | None = None
-    batch_size: int = 4096  # global, across all processes
-    lr: float | None = None
-    lr_base: float = 1.6
-    lr_ref_batch: int = 4096
-    warmup_epochs: float = 10
-    schedule: str = "cosine"  # cosine | constant
+    epochs: float = _f(130, "Epochs (the schedule's length).")
+    max_steps: int | None = _f(None, "Stop after this many steps without changing the schedule.", _R)
+    batch_size: int = _f(4096, "Global batch size: split over torchrun processes and --grad-accum-steps; the LR scales with it.")
+    grad_accum_steps: int | None = _f(None, "Gradient accumulation: each step runs the batch as N micro-batches of batch/N/processes. (default: 1)")
+    lr: float | None = _f(None, "Peak LR. (default: lr-base x batch / lr-ref-batch, paper: 1.6 x batch/4096)")
+    lr_base: float = _f(1.6, "LR at --lr-ref-batch (the linear scaling rule's base).")
+    lr_ref_batch: int = _f(4096, "The batch --lr-base is given for.")
+    warmup_epochs: float = _f(10, "Linear warm-up epochs before the cosine decay.")
+    schedule: str = _f("cosine", "LR after the warm-up: cosine | constant.")
     # optimiser
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    decay_norm_and_bias: bool = False
-    label_smoothing: float = 0.1
-    grad_clip: float | None = None
-    zero_init_residual: bool = False  # torchvision's flag: each block's last BN starts at gamma = 0
+    optimizer: str = _f("sgd", "Optimiser (sgd).")
+    momentum: float = _f(0.9, "SGD (Nesterov) momentum.")
+    nesterov: bool = _f(True, "Nesterov momentum.")
+    weight_decay: float = _f(1e-4, "Weight decay (not on BN/bias unless --decay-norm-and-bias).")
+    decay_norm_and_bias: bool = _f(False, "Apply weight decay to BN parameters and biases too.")
+    label_smoothing: float = _f(0.1, "Label smoothing.")
+    grad_clip: float | None = _f(None, "Clip the gradient norm to this (0 = off).")
+    zero_init_residual: bool = _f(False, "Start each residual block's last BN at gamma = 0 (torchvision's flag).")
     # model statistics
-    ema_decay: float = 0.9999  # 0 = no EMA
-    bn_momentum: float | None = 1e-4  # PyTorch convention; None = PyTorch's default 0.1
-    sync_bn: bool = False
+    ema_decay: float = _f(0.9999, "EMA decay of the weights (0 = off; evaluated when on).")
+    bn_momentum: float | None = _f(1e-4, "BatchNorm momentum, PyTorch convention (paper: 1e-4 = TF decay 0.9999).")
+    sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA).")
     # speed
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device has it natively)
-    channels_last: bool = False
-    compile: bool = False
+    precision: str = _f("fp32", "Autocast precision (fp16 with a grad scaler); auto = bf16 where native.", _S, choices=Precision)
+    channels_last: bool = _f(False, "Channels-last memory format.", _S)
+    compile: bool = _f(False, "torch.compile the model.", _S)
     # run control
-    seed: int = 0
-    deterministic: bool = False
-    eval_every: int = 1
-    eval_batch_size: int | None = None
-    checkpoint_every: int | None = None
-    log_every: int | None = None
+    seed: int = _f(0, "Seed (init, data order, augmentation).", _R)
+    deterministic: bool = _f(False, "Deterministic algorithms (bit-exact resume on CPU).", _R)
+    eval_every: int = _f(1, "Evaluate every N epochs (and at the end).", _R)
+    eval_batch_size: int | None = _f(None, "Eval batch size per process. (default: the training batch per process)", _R)
+    checkpoint_every: int | None = _f(None, "Also checkpoint every N steps (always: every epoch).", _R)
+    log_every: int | None = _f(None, "Off a terminal, a progress line every N steps. (default: every 20 s)", _R)
+    tensorboard: bool | None = _f(None, "TensorBoard event files in OUT/tensorboard. (default: on when the tensorboard package is installed)", _R)
     # model overrides the recipe applies unless the user sets them (width, image_size, num_classes)
-    model: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.lr_base * self.batch_size / self.lr_ref_batch
@@ -138,6 +153,12 @@ class TrainConfig:
                 raise SasaError(f"{name.replace('_', ' ')} must be >= 1, got {v}")
         if self.threads is not None and self.threads < 1:
             raise SasaError(f"threads must be >= 1, got {self.threads}")
+        if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
+            raise SasaError(f"grad accum steps must be >= 1, got {self.grad_accum_steps}")
+        if self.grad_accum_steps == 1:  # no accumulation: stored as unset, as before the setting existed
+            self.grad_accum_steps = None
+        if self.batch_size % (self.grad_accum_steps or 1):
+            raise SasaError(f"batch size {self.batch_size} is not divisible by {self.grad_accum_steps} accumulation steps")
         if self.workers < 0:
             raise SasaError(f"workers must be >= 0, got {self.workers}")
         return self
@@ -185,7 +206,7 @@ FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # result's key leaves them out (everything else in the config does alter the training).
 NEUTRAL_FIELDS = frozenset({
     "data_dir", "workers", "threads", "eval_every", "eval_batch_size", "checkpoint_every", "log_every",
-    "compile", "channels_last", "deterministic",
+    "compile", "channels_last", "deterministic", "tensorboard",
 })
 
 
