@@ -275,9 +275,9 @@ def run_unit(
 
 
 def count(spec: ModelSpec) -> dict[str, Any]:
-    from sasa_bench.cli.flops import flops_row
+    from sasa_bench.measure.flops import spec_flops
 
-    row = flops_row(spec, counter="torch")
+    row = spec_flops(spec, counter="torch")
     return {k: row[k] for k in ("params", "params_m", "gmacs", "gflops", "image_size")}
 
 
