@@ -33,7 +33,15 @@ from sasa_bench.errors import SasaError
 from sasa_bench.store import clean_stale_temps, safe_name, write_result
 from sasa_bench.studies.claim import Claims
 from sasa_bench.studies.expand import Unit
-from sasa_bench.studies.runner import RunOptions, RunReport, current_status, plan, result_path, run_unit
+from sasa_bench.studies.runner import (
+    RunOptions,
+    RunReport,
+    claim_units,
+    plan,
+    result_path,
+    run_unit,
+    say_waiting,
+)
 from sasa_bench.studies.spec import Study
 
 MAX_RETRIES = 3  # a unit whose node or worker dies is run again this many times
@@ -162,34 +170,14 @@ def run_study_ray(
 
     with Claims(opts.lock_timeout, log, opts.command) as claims:
         while pending or running:
-            busy = []
-            for unit in pending:  # claim and submit whatever is free
-                path = result_path(opts.results_dir, study, unit)
-                status, why = current_status(study, unit, opts, started)
-                if status == "done":
-                    report.skipped.append(path)
+            busy: list[tuple[Unit, str]] = []
+            for unit, _path, mine in claim_units(study, opts, pending, claims, started, report, busy, log):
+                if not mine:
                     done_n += 1
                     continue
-                got = claims.claim(path)
-                if got is not True:
-                    busy.append((unit, str(got)))
-                    continue
-                status, why = current_status(study, unit, opts, started)
-                if status == "done":
-                    claims.release(path)
-                    report.skipped.append(path)
-                    done_n += 1
-                    continue
-                if status in ("stale", "invalid"):
-                    report.redone.append(path)
-                    if log:
-                        log(f"{unit.key}: {why}, redoing")
                 running[task.remote(study, unit, opts, ray_opts.gpus_per_unit, tracker, claims.token)] = unit
             pending = [u for u, _ in busy]
-            holders = ", ".join(f"{u.key} ({who})" for u, who in busy)
-            if busy and log and holders != waiting_on:
-                log(f"waiting for {len(busy)} unit(s) that other processes are running: {holders}")
-            waiting_on = holders
+            waiting_on = say_waiting(busy, waiting_on, log)
             show()
 
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S) if running else ([], [])

@@ -10,7 +10,7 @@ only (and once per process).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,31 +216,13 @@ def run_study(
     with Claims(opts.lock_timeout, log, opts.command) as claims:
         while pending:
             busy: list[tuple[Unit, str]] = []
-            for unit in pending:
-                path = result_path(opts.results_dir, study, unit)
-                status, why = current_status(study, unit, opts, started)
-                if status == "done":
-                    report.skipped.append(path)
+            for unit, path, mine in claim_units(study, opts, pending, claims, started, report, busy, log):
+                if not mine:
                     done += 1
                     if progress:
                         progress(f"{unit.key}: done already", done, total)
                     continue
-                got = claims.claim(path)
-                if got is not True:
-                    busy.append((unit, str(got)))
-                    continue
                 try:
-                    status, why = current_status(study, unit, opts, started)  # finished while we looked?
-                    if status == "done":
-                        report.skipped.append(path)
-                        done += 1
-                        if progress:
-                            progress(f"{unit.key}: done already", done, total)
-                        continue
-                    if status in ("stale", "invalid"):
-                        report.redone.append(path)
-                        if log:
-                            log(f"{unit.key}: {why}, redoing")
                     if progress:
                         progress(f"{unit.key}", done, total)
                     payload = run_unit(study, unit, opts, latency_cache, log, step_progress)
@@ -252,14 +234,56 @@ def run_study(
                     claims.release(path)
             pending = [u for u, _ in busy]
             if pending:
-                holders = ", ".join(f"{u.key} ({who})" for u, who in busy)
-                if log and holders != waiting_on:
-                    log(f"waiting for {len(busy)} unit(s) that other processes are running: {holders}")
-                waiting_on = holders
+                waiting_on = say_waiting(busy, waiting_on, log)
                 if progress:
                     progress(f"waiting for {len(busy)} unit(s) held elsewhere", done, total)
                 time.sleep(WAIT_S)
     return report
+
+
+def claim_units(
+    study: Study,
+    opts: RunOptions,
+    pending: list[Unit],
+    claims: Claims,
+    started: float,
+    report: RunReport,
+    busy: list[tuple[Unit, str]],
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[Unit, Path, bool]]:
+    """Walk ``pending`` lazily (each engine claims as it goes): yield ``(unit, result path, True)``
+    for a unit this process now holds (the caller runs it, then releases it), ``(unit, path,
+    False)`` for one already done (counted as skipped), and add ``(unit, holder)`` to ``busy`` for
+    one another live process holds. The status is checked again once the lock is held, so a unit
+    another process finished meanwhile is not redone; a stale or unreadable result is logged."""
+    for unit in pending:
+        path = result_path(opts.results_dir, study, unit)
+        status, why = current_status(study, unit, opts, started)
+        if status != "done":
+            got = claims.claim(path)
+            if got is not True:
+                busy.append((unit, str(got)))
+                continue
+            status, why = current_status(study, unit, opts, started)
+            if status == "done":
+                claims.release(path)
+        if status == "done":
+            report.skipped.append(path)
+            yield unit, path, False
+            continue
+        if status in ("stale", "invalid"):
+            report.redone.append(path)
+            if log:
+                log(f"{unit.key}: {why}, redoing")
+        yield unit, path, True
+
+
+def say_waiting(busy: list[tuple[Unit, str]], said: str, log: Callable[[str], None] | None) -> str:
+    """Log which units other processes hold (when that changed); returns what was said."""
+    holders = ", ".join(f"{u.key} ({who})" for u, who in busy)
+    if busy and log and holders != said:
+        log(f"waiting for {len(busy)} unit(s) that other processes are running: {holders}")
+    return holders
 
 
 WAIT_S = 5.0  # how often a process that has nothing left to claim looks at the units others hold
