@@ -48,7 +48,7 @@ def _run_cli(args: list[str], capsys) -> tuple[int, str]:
 def test_engine_ray_without_ray_is_one_line_exit_2(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     code, err = _run_cli(["ablate", "logits", "--train", "none", "--engine", "ray"], capsys)
-    assert code == 2 and err.strip() == "error: --engine ray needs Ray: pip install 'sasa-bench[ray]'"
+    assert code == 2 and err.strip() == "sasa-bench: error: --engine ray needs Ray: pip install 'sasa-bench[ray]'"
 
 
 @pytest.mark.parametrize(
