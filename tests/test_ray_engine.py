@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -33,9 +34,9 @@ name = "r26"
 name = "r38"
 model = "resnet38"
 """
-# Enough steps that a checkpoint exists well before the end (every 5 steps), small enough for 1 core.
-TRAIN = {"max_steps": 200, "batch_size": 8, "eval_batch_size": 64, "synthetic_train": 128, "synthetic_eval": 64,
-         "checkpoint_every": 5, "precision": "fp32", "deterministic": True}
+# Enough steps that a checkpoint exists well before the end (every 50 steps), small enough for 1 core.
+TRAIN = {"max_steps": 1500, "batch_size": 8, "eval_batch_size": 64, "synthetic_train": 128, "synthetic_eval": 64,
+         "checkpoint_every": 50, "precision": "fp32", "deterministic": True}
 SAME = ("top1", "top5", "final_loss", "eval_loss", "weights_sha256", "steps", "params")
 
 
@@ -88,11 +89,11 @@ def test_ray_engine_matches_local_and_survives_a_lost_node(tmp_path: Path) -> No
     local = run_study(study, _opts(tmp_path, "local"))
     assert len(local.written) == 2
 
-    # The head takes no units; one worker with 1 CPU runs one unit at a time. Once that unit has a
-    # checkpoint, a second worker joins and the first is removed (its processes killed): Ray must
-    # retry the unit on the new node, which resumes it from the checkpoint.
+    # The head takes no units; two workers with 1 CPU each run one unit each. Once a unit has a
+    # checkpoint, its worker is removed (its processes killed): Ray must retry the unit on the
+    # other worker, which resumes it from the checkpoint.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    first = cluster.add_node(num_cpus=1)
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
@@ -103,12 +104,13 @@ def test_ray_engine_matches_local_and_survives_a_lost_node(tmp_path: Path) -> No
         def kill_worker_mid_unit() -> None:
             deadline = time.time() + 1200
             while time.time() < deadline:
-                ckpts = list((opts.runs_dir / "tiny").glob("*/checkpoint.pt"))
-                if ckpts:
-                    removed["unit"] = ckpts[0].parent.name
-                    cluster.add_node(num_cpus=1)
-                    cluster.remove_node(first, allow_graceful=False)
-                    return
+                for line in list(logs):
+                    m = re.match(r"(\S+): started on \S+ \(node ([0-9a-f]+)\)", line)
+                    node = next((w for w in workers if m and w.node_id.startswith(m[2])), None)
+                    if node is not None and (opts.runs_dir / "tiny" / m[1] / "checkpoint.pt").exists():
+                        removed["unit"] = m[1]
+                        cluster.remove_node(node)
+                        return
                 time.sleep(0.05)
 
         killer = threading.Thread(target=kill_worker_mid_unit, daemon=True)

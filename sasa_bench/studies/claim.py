@@ -126,10 +126,16 @@ def _create(path: Path, record: dict[str, Any]) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(record))
-        f.flush()
-        os.fsync(f.fileno())
+    except OSError as e:  # a full disk, no permission: one line naming the lock (its folder)
+        raise OSError(e.errno, e.strerror, str(path.parent)) from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path.parent)) from None
     return True
 
 
