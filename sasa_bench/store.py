@@ -75,7 +75,8 @@ _TMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[^.]+\.tmp$")
 STALE_TMP_AGE_S = 3600  # a temp without a live writer pid (or from another machine) this old is stale
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,7 +99,7 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
             continue
         try:
             pid = int(m["pid"]) if m["pid"] else None
-            dead = pid is not None and pid != os.getpid() and not _pid_alive(pid)
+            dead = pid is not None and pid != os.getpid() and not pid_alive(pid)
             if dead or now - p.stat().st_mtime > STALE_TMP_AGE_S:
                 p.unlink()
                 removed.append(p)

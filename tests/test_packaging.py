@@ -88,3 +88,20 @@ def test_wheel_ships_studies_and_lists_them_outside_the_checkout(tmp_path: Path)
     first, *lines = out.stdout.splitlines()
     assert first.startswith(str(target)), f"imported the checkout, not the installed copy: {first}"
     assert sorted(line.split()[0] for line in lines if line.strip()) == studies
+
+
+def test_lower_layers_never_import_the_cli() -> None:
+    """Layering: the library (measure/, studies/, train/, ...) reports through callbacks and
+    never imports from cli/ (only the cli itself and `python -m sasa_bench` do)."""
+    pkg = Path(__file__).resolve().parents[1] / "sasa_bench"
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg)
+        if rel.parts[0] == "cli" or rel.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{rel}: {n}" for n in names if n == "sasa_bench.cli" or n.startswith("sasa_bench.cli.")]
+    assert not offenders, offenders

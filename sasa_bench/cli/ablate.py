@@ -12,9 +12,11 @@ from sasa_bench.cli.options import device_option
 from sasa_bench.cli.output import err_console
 from sasa_bench.errors import SasaError
 from sasa_bench.store import check_folder
+from sasa_bench.studies.claim import DEFAULT_TIMEOUT_S
 
 _RUN = "Run"
 _SPEED = "Speed"
+_ENGINE = "Engine (where units run)"
 
 
 def ablate(
@@ -36,13 +38,18 @@ def ablate(
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Time each variant interleaved against the study's baseline.", rich_help_panel=_SPEED)] = True,
     latency_iters: Annotated[int, typer.Option(help="Timed batches per model (after 2 warm-up batches).", rich_help_panel=_SPEED)] = 5,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads for latency and training. (default: latency torch's, training the recipe's)", rich_help_panel=_SPEED)] = None,
+    engine: Annotated[str, typer.Option(help="local (this process; N processes on one results folder split the study) | ray (each unit a Ray task: pip install 'sasa-bench[ray]').", rich_help_panel=_ENGINE)] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: a running cluster's address (e.g. HEAD:6379, or 'auto'). (default: start a local Ray instance)", rich_help_panel=_ENGINE, show_default=False)] = None,
+    gpus_per_unit: Annotated[float, typer.Option(help="--engine ray: GPUs per unit; above 1, the unit trains with DDP on one node.", rich_help_panel=_ENGINE)] = 0.0,
+    cpus_per_unit: Annotated[float, typer.Option(help="--engine ray: CPUs per unit.", rich_help_panel=_ENGINE)] = 1.0,
+    lock_timeout: Annotated[float, typer.Option(help="Seconds after which a unit lock of a process on another host, not touched by its heartbeat, is taken over.", rich_help_panel=_ENGINE)] = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Run a study: params, GFLOPS, latency vs the study's baseline and (with --train) accuracy for
     every variant, one result file per variant and seed. Re-running resumes: a unit whose result
     file is unreadable, or was made with other settings, is redone (saying why)."""
     from sasa_bench.studies import find_studies, load_study
     from sasa_bench.studies.expand import parse_shard
-    from sasa_bench.studies.runner import RunOptions, plan, run_study
+    from sasa_bench.studies.runner import ENGINES, RunOptions, plan, run_study
     from sasa_bench.studies.spec import studies_dir
 
     if list_:
@@ -58,6 +65,20 @@ def ablate(
     if name is None:
         known = ", ".join(find_studies()) or "none"
         raise SasaError(f"name a study (known: {known}); `sasa-bench ablate --list` describes them")
+
+    if engine not in ENGINES:
+        raise SasaError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
+    ray_opts = None
+    if engine == "ray":
+        from sasa_bench.studies.ray_engine import RayOptions, import_ray
+
+        ray_opts = RayOptions(address=address, gpus_per_unit=gpus_per_unit, cpus_per_unit=cpus_per_unit).validate()
+        import_ray()  # without Ray: one line, exit 2, before anything else
+    else:
+        given = [f for f, v, d in (("--address", address, None), ("--gpus-per-unit", gpus_per_unit, 0.0),
+                                   ("--cpus-per-unit", cpus_per_unit, 1.0)) if v != d]
+        if given:
+            raise SasaError(f"{', '.join(given)} only apply to --engine ray")
 
     study = load_study(name)
     opts = RunOptions(
@@ -76,6 +97,7 @@ def ablate(
         shard=parse_shard(shard),
         force=force,
         threads=threads,
+        lock_timeout=lock_timeout,
         command=_command(
             name, train=train, seeds=seeds, data=data, data_dir=data_dir, device=device, results=results,
             image_size=image_size, batch_size=batch_size, backend=backend, latency_iters=latency_iters,
@@ -95,17 +117,28 @@ def ablate(
 
     from sasa_bench.progress import StudyDisplay
 
+    where = "" if ray_opts is None else f", on Ray {address or '(local instance)'}"
     err_console.print(
         f"[bold]{escape(study.name)}[/]: {escape(study.title)} — {len(todo)} unit(s) "
-        f"(train={train}, shard {opts.shard[0]}/{opts.shard[1]}) -> {results / study.name}"
+        f"(train={train}, shard {opts.shard[0]}/{opts.shard[1]}{escape(where)}) -> {results / study.name}"
     )
     with StudyDisplay(study.name, len(todo)) as display:
-        report = run_study(study, opts, progress=display.progress, log=display.log, step_progress=display.step)
+        if ray_opts is None:
+            report = run_study(study, opts, progress=display.progress, log=display.log, step_progress=display.step)
+        else:
+            from sasa_bench.studies.ray_engine import run_study_ray
+
+            report = run_study_ray(study, opts, ray_opts, progress=display.progress, log=display.log)
     redone = f" ({len(report.redone)} redone: unreadable or stale)" if report.redone else ""
+    retried = f", {len(report.retried)} retried after a node or worker died" if report.retried else ""
     err_console.print(
-        f"{len(report.written)} written{redone}, {len(report.skipped)} already done (skipped); "
+        f"{len(report.written)} written{redone}, {len(report.skipped)} already done (skipped){retried}; "
         f"`sasa-bench report --results {results}` builds the tables"
     )
+    if report.failed:
+        for key, why in report.failed:
+            err_console.print(f"failed: {escape(key)}: {escape(why)}", highlight=False)
+        raise typer.Exit(1)
 
 
 def _print_plan(study: Any, opts: Any, variants: list[Any], todo: list[Any]) -> None:

@@ -8,7 +8,7 @@ from sasa_bench.choices import Format
 from sasa_bench.cli.options import FormatOpt, ModelOptions, model_options
 from sasa_bench.cli.output import check_format, emit, err_console, step_progress
 from sasa_bench.errors import SasaError
-from sasa_bench.measure.flops import count_flops, count_params
+from sasa_bench.measure.flops import count_flops, count_params, spec_flops
 from sasa_bench.models import build_model
 from sasa_bench.report.paper import TABLE1, TABLE2, TABLE2_IMAGE_SIZE
 from sasa_bench.spec import PRESETS, TABLE1_MODELS, TABLE2_MODELS, ModelSpec
@@ -16,16 +16,7 @@ from sasa_bench.spec import PRESETS, TABLE1_MODELS, TABLE2_MODELS, ModelSpec
 
 def flops_row(spec: ModelSpec, paper: bool = False, counter: str = "both") -> dict:
     """One row: the model's params and FLOPs (and the paper's Table 1 or 2 numbers, if asked)."""
-    model = build_model(spec)
-    c = count_flops(model, spec.image_size, counter=counter)
-    row = {
-        "model": spec.name,
-        "params": c.params,
-        "params_m": c.params / 1e6,
-        "gmacs": c.gmacs,
-        "gflops": c.gflops,
-        "image_size": spec.image_size,
-    }
+    row = spec_flops(spec, counter)
     if paper and spec.detector != "none":
         ref2 = TABLE2.get(spec.name) if spec.image_size == TABLE2_IMAGE_SIZE else None
         row["paper_params_m"] = ref2[1] if ref2 else None

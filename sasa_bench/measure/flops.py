@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sasa_bench.errors import SasaError
 from sasa_bench.kernels.op import attention_macs, counting_flops
+
+if TYPE_CHECKING:
+    from sasa_bench.spec import ModelSpec
 
 
 def _fvcore_handles() -> dict:
@@ -129,3 +133,20 @@ def count_flops(model: nn.Module, image_size: int, counter: str = "both") -> Flo
     finally:
         model.train(was_training)
     return FlopCount(params=count_params(model), macs=macs)
+
+
+def spec_flops(spec: ModelSpec, counter: str = "both") -> dict[str, Any]:
+    """One model's row, built from its spec: ``{model, params, params_m, gmacs, gflops, image_size}``
+    (1 image, the paper's 2 FLOPs per multiply-add). What `sasa-bench flops` prints and every study
+    result stores; here, not in ``cli/``, so the study runner can use it."""
+    from sasa_bench.models import build_model
+
+    c = count_flops(build_model(spec), spec.image_size, counter=counter)
+    return {
+        "model": spec.name,
+        "params": c.params,
+        "params_m": c.params / 1e6,
+        "gmacs": c.gmacs,
+        "gflops": c.gflops,
+        "image_size": spec.image_size,
+    }

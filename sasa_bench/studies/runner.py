@@ -10,7 +10,7 @@ only (and once per process).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from sasa_bench.errors import SasaError
 from sasa_bench.kernels import resolve_backend
 from sasa_bench.spec import ModelSpec
 from sasa_bench.store import (
+    atomic_write_text,
     clean_stale_temps,
     key_changes,
     key_of_record,
@@ -27,10 +28,12 @@ from sasa_bench.store import (
     safe_name,
     write_result,
 )
+from sasa_bench.studies.claim import DEFAULT_TIMEOUT_S, Claims
 from sasa_bench.studies.expand import Unit, Variant, expand, shard_units, units
 from sasa_bench.studies.spec import Study
 
 TRAIN_CHOICES = ("none", "short", "paper")
+ENGINES = ("local", "ray")  # who runs the units: this process (default) | Ray tasks (studies/ray_engine.py)
 
 # The keys of a result file (besides the store's schema/kind/written_at).
 RESULT_FIELDS = {
@@ -77,6 +80,7 @@ class RunOptions:
     shard: tuple[int, int] = (1, 1)
     force: bool = False
     threads: int | None = None  # torch CPU threads for latency and training (None: torch's / the recipe's)
+    lock_timeout: float = DEFAULT_TIMEOUT_S  # another host's unit lock untouched this long is stale
     command: str = ""
 
     def validate(self) -> RunOptions:
@@ -88,6 +92,8 @@ class RunOptions:
             raise SasaError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise SasaError(f"--threads must be >= 1, got {self.threads}")
+        if not self.lock_timeout > 0:
+            raise SasaError(f"--lock-timeout must be > 0 seconds, got {self.lock_timeout}")
         return self
 
     def model_overrides(self) -> dict[str, Any]:
@@ -100,6 +106,8 @@ class RunReport:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     redone: list[Path] = field(default_factory=list)  # written over an unreadable or stale result
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (unit key, why): engines that go on past a failure
+    retried: list[str] = field(default_factory=list)  # units run again after their node or worker died
 
 
 def plan(study: Study, opts: RunOptions) -> tuple[list[Variant], list[Unit]]:
@@ -193,31 +201,105 @@ def run_study(
 ) -> RunReport:
     """Run this shard's units that have no valid, current result yet (an unreadable or stale
     one is redone, saying why through ``log``). ``progress(message, done, total)`` counts units;
-    ``step_progress`` the steps inside the current unit (latency timing, training)."""
+    ``step_progress`` the steps inside the current unit (latency timing, training).
+
+    Each unit is claimed first (:mod:`sasa_bench.studies.claim`): a unit another live process
+    holds is left to it and checked again later, so N processes on one results folder split the
+    study; this returns when every unit has its result (or raises on the first error)."""
     _, todo = plan(study, opts)
     report = RunReport()
     latency_cache: dict[str, dict[str, Any] | None] = {}
-    total = len(todo)
+    total, done = len(todo), 0
+    started = time.time()
     clean_stale_temps(Path(opts.results_dir) / safe_name(study.name))
-    for i, unit in enumerate(todo):
+    pending, waiting_on = list(todo), ""
+    with Claims(opts.lock_timeout, log, opts.command) as claims:
+        while pending:
+            busy: list[tuple[Unit, str]] = []
+            for unit, path, mine in claim_units(study, opts, pending, claims, started, report, busy, log):
+                if not mine:
+                    done += 1
+                    if progress:
+                        progress(f"{unit.key}: done already", done, total)
+                    continue
+                try:
+                    if progress:
+                        progress(f"{unit.key}", done, total)
+                    payload = run_unit(study, unit, opts, latency_cache, log, step_progress)
+                    report.written.append(write_result(opts.results_dir, study.name, unit.key, payload))
+                    done += 1
+                    if progress:
+                        progress(f"{unit.key}", done, total)
+                finally:
+                    claims.release(path)
+            pending = [u for u, _ in busy]
+            if pending:
+                waiting_on = say_waiting(busy, waiting_on, log)
+                if progress:
+                    progress(f"waiting for {len(busy)} unit(s) held elsewhere", done, total)
+                time.sleep(WAIT_S)
+    return report
+
+
+def claim_units(
+    study: Study,
+    opts: RunOptions,
+    pending: list[Unit],
+    claims: Claims,
+    started: float,
+    report: RunReport,
+    busy: list[tuple[Unit, str]],
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[Unit, Path, bool]]:
+    """Walk ``pending`` lazily (each engine claims as it goes): yield ``(unit, result path, True)``
+    for a unit this process now holds (the caller runs it, then releases it), ``(unit, path,
+    False)`` for one already done (counted as skipped), and add ``(unit, holder)`` to ``busy`` for
+    one another live process holds. The status is checked again once the lock is held, so a unit
+    another process finished meanwhile is not redone; a stale or unreadable result is logged."""
+    for unit in pending:
         path = result_path(opts.results_dir, study, unit)
-        status, why = ("todo", "") if opts.force else unit_status(study, unit, opts)
+        status, why = current_status(study, unit, opts, started)
+        if status != "done":
+            got = claims.claim(path)
+            if got is not True:
+                busy.append((unit, str(got)))
+                continue
+            status, why = current_status(study, unit, opts, started)
+            if status == "done":
+                claims.release(path)
         if status == "done":
             report.skipped.append(path)
-            if progress:
-                progress(f"{unit.key}: done already", i + 1, total)
+            yield unit, path, False
             continue
         if status in ("stale", "invalid"):
             report.redone.append(path)
             if log:
                 log(f"{unit.key}: {why}, redoing")
-        if progress:
-            progress(f"{unit.key}", i, total)
-        payload = run_unit(study, unit, opts, latency_cache, log, step_progress)
-        report.written.append(write_result(opts.results_dir, study.name, unit.key, payload))
-        if progress:
-            progress(f"{unit.key}", i + 1, total)
-    return report
+        yield unit, path, True
+
+
+def say_waiting(busy: list[tuple[Unit, str]], said: str, log: Callable[[str], None] | None) -> str:
+    """Log which units other processes hold (when that changed); returns what was said."""
+    holders = ", ".join(f"{u.key} ({who})" for u, who in busy)
+    if busy and log and holders != said:
+        log(f"waiting for {len(busy)} unit(s) that other processes are running: {holders}")
+    return holders
+
+
+WAIT_S = 5.0  # how often a process that has nothing left to claim looks at the units others hold
+
+
+def current_status(study: Study, unit: Unit, opts: RunOptions, started: float) -> tuple[str, str]:
+    """:func:`unit_status`, except that under ``--force`` every result is redone unless it was
+    written after ``started`` (by a process sharing this folder, in this same round of work)."""
+    if not opts.force:
+        return unit_status(study, unit, opts)
+    path = result_path(opts.results_dir, study, unit)
+    try:
+        fresh = path.stat().st_mtime >= started and read_record(path)[0] is not None
+    except FileNotFoundError:
+        fresh = False
+    return ("done", "") if fresh else ("todo", "")
 
 
 def run_unit(
@@ -227,8 +309,11 @@ def run_unit(
     latency_cache: dict[str, dict[str, Any] | None] | None = None,
     log: Callable[[str], None] | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
+    trainer: Callable[..., dict[str, Any]] | None = None,
+    attempt: str | None = None,
 ) -> dict[str, Any]:
-    """Measure one unit and return its result payload (not yet written)."""
+    """Measure one unit and return its result payload (not yet written). ``trainer`` replaces
+    ``run_training`` (e.g. :func:`launch.ddp_trainer`); ``attempt`` see :func:`train_unit`."""
     t0 = time.perf_counter()
     v = unit.variant
     flops = count(v.spec)
@@ -242,7 +327,7 @@ def run_unit(
         latency = cache[v.name]
     training = None
     if unit.train != "none":
-        training = train_unit(study, unit, opts, step_progress, log)
+        training = train_unit(study, unit, opts, step_progress, log, trainer, attempt)
     payload = {
         "study": study.name,
         "study_title": study.title,
@@ -275,9 +360,9 @@ def run_unit(
 
 
 def count(spec: ModelSpec) -> dict[str, Any]:
-    from sasa_bench.cli.flops import flops_row
+    from sasa_bench.measure.flops import spec_flops
 
-    row = flops_row(spec, counter="torch")
+    row = spec_flops(spec, counter="torch")
     return {k: row[k] for k in ("params", "params_m", "gmacs", "gflops", "image_size")}
 
 
@@ -366,7 +451,12 @@ def train_unit(
     opts: RunOptions,
     on_step: Callable[[str, int, int], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    trainer: Callable[..., dict[str, Any]] | None = None,
+    attempt: str | None = None,
 ) -> dict[str, Any]:
+    """Train the unit in ``<runs>/<study>/<unit>/``. ``attempt`` names one round of work across
+    retries (an engine that re-runs a unit whose node died passes the same name): under --force
+    the first try starts afresh and a retry of the same attempt resumes its checkpoint."""
     from sasa_bench.train import run_training
 
     cfg = train_config(opts, unit.seed)
@@ -377,13 +467,19 @@ def train_unit(
     from sasa_bench.train.checkpoint import ResumeMismatch
 
     def train(resume: str | None) -> dict[str, Any]:
-        return run_training(
+        return (trainer or run_training)(
             spec, cfg, out_dir, progress=on_step is not None, resume=resume, on_step=on_step, on_log=on_log,
             overwrite=resume is None,
         )
 
+    fresh = opts.force
+    if opts.force and attempt:
+        marker = out_dir / ".forced-attempt"
+        fresh = not (marker.exists() and marker.read_text() == attempt)
+        if fresh:
+            atomic_write_text(marker, attempt)
     try:
-        summary = train(None if opts.force else "auto")
+        summary = train(None if fresh else "auto")
     except ResumeMismatch as e:
         if on_log:
             on_log(f"{unit.key}: not resuming ({e}); training afresh")
