@@ -34,8 +34,9 @@ name = "r26"
 name = "r38"
 model = "resnet38"
 """
-# Enough steps that a checkpoint exists well before the end (every 50 steps), small enough for 1 core.
-TRAIN = {"max_steps": 1500, "batch_size": 8, "eval_batch_size": 64, "synthetic_train": 128, "synthetic_eval": 64,
+# Enough steps (100 epochs of 16; max_steps only stops early) that a checkpoint exists well before
+# the end (every 50 steps), small enough for 1 core.
+TRAIN = {"epochs": 100, "max_steps": 1500, "batch_size": 8, "eval_batch_size": 64, "synthetic_train": 128, "synthetic_eval": 64,
          "checkpoint_every": 50, "precision": "fp32", "deterministic": True}
 SAME = ("top1", "top5", "final_loss", "eval_loss", "weights_sha256", "steps", "params")
 
@@ -109,7 +110,7 @@ def test_ray_engine_matches_local_and_survives_a_lost_node(tmp_path: Path) -> No
                     node = next((w for w in workers if m and w.node_id.startswith(m[2])), None)
                     if node is not None and (opts.runs_dir / "tiny" / m[1] / "checkpoint.pt").exists():
                         removed["unit"] = m[1]
-                        cluster.remove_node(node)
+                        cluster.remove_node(node, allow_graceful=False)  # a crash: no draining
                         return
                 time.sleep(0.05)
 
