@@ -178,9 +178,12 @@ def study_provenance(t: StudyTable) -> list[str]:
         l0 = lat[0]["latency"]
         threads = sorted({str(r["latency"].get("threads")) for r in lat})
         precisions = sorted({str(r["latency"].get("precision", "fp32")) for r in lat})
+        # models without attention layers (timm peers, conv baselines) record no backend
+        backends = sorted({str(b) for r in lat if (b := r["latency"].get("backend"))})
         lines.append(
             f"- Latency: {_hosts(lat)}; {'/'.join(threads)} thread(s), batch {l0.get('batch_size')}, "
-            f"{'/'.join(precisions)} {l0.get('mode', 'inference')}, backend {l0.get('backend') or '?'}."
+            f"{'/'.join(precisions)} {l0.get('mode', 'inference')}"
+            + (f", attention backend {'/'.join(backends)}." if backends else ".")
         )
     tr = [r for r in t.records if r.get("training")]
     if tr:
