@@ -162,10 +162,6 @@ class DetectionTask(Task):
     columns = METRIC_COLUMNS
     headline = "map"
 
-    def __init__(self, train_data: CocoData, eval_data: CocoData, cfg: TrainConfig, env: D.DistEnv) -> None:
-        self.train_data, self.eval_data, self.cfg, self.env = train_data, eval_data, cfg, env
-        self.eval_bs = cfg.eval_batch_size or max(1, cfg.batch_size // env.world)
-
     def batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, tuple]]:
         cfg, env = self.cfg, self.env
         index_batches = train_steps(len(self.train_data), cfg.seed, epoch, cfg.batch_size, env.rank, env.world, start_step)

@@ -162,6 +162,10 @@ class Task:
     columns: list[str]  # metrics.csv columns
     headline: str  # the eval metric whose best is kept (checkpoint key ``best_<headline>``)
 
+    def __init__(self, train_data: Any, eval_data: Any, cfg: Any, env: Any) -> None:
+        self.train_data, self.eval_data, self.cfg, self.env = train_data, eval_data, cfg, env
+        self.eval_bs = cfg.eval_batch_size or max(1, cfg.batch_size // env.world)  # per rank
+
     def batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, tuple]]:  # pragma: no cover
         """(step within the epoch, this rank's share of the global batch) from ``start_step``."""
         raise NotImplementedError

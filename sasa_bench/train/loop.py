@@ -173,10 +173,6 @@ class ClassificationTask(Task):
     columns = METRIC_COLUMNS
     headline = "top1"
 
-    def __init__(self, train_data: TrainData, eval_data: TrainData, cfg: TrainConfig, env: D.DistEnv) -> None:
-        self.train_data, self.eval_data, self.cfg, self.env = train_data, eval_data, cfg, env
-        self.eval_bs = cfg.eval_batch_size or max(1, cfg.batch_size // env.world)
-
     def batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, tuple]]:
         cfg, env = self.cfg, self.env
         return self.train_data.batches(
