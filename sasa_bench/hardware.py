@@ -29,20 +29,28 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bf
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, aarch64 FEAT_BF16
 
 
+_ID_KEYS = ("cpu family", "model", "stepping")
+
+
 @functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = "", ""
+def _cpuinfo() -> tuple[str, frozenset[str], str]:
+    """(model name, flags, "family F model M stepping S") of the first CPU in /proc/cpuinfo."""
+    model, flags, ident = "", "", {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key = line.split(":", 1)[0].strip().lower()
+                key, _, val = line.partition(":")
+                key = key.strip().lower()
                 if key == "model name" and not model:
-                    model = line.split(":", 1)[1].strip()
+                    model = val.strip()
                 elif key in ("flags", "features") and not flags:
-                    flags = line.split(":", 1)[1]
+                    flags = val
+                elif key in _ID_KEYS and key not in ident:
+                    ident[key] = val.strip()
     except OSError:
         pass
-    return model or platform.processor() or platform.machine() or "cpu", frozenset(flags.split())
+    id_text = " ".join(f"{k.replace('cpu ', '')} {ident[k]}" for k in _ID_KEYS if k in ident) or "unknown"
+    return model or platform.processor() or platform.machine() or "cpu", frozenset(flags.split()), id_text
 
 
 def cpu_model() -> str:
@@ -51,22 +59,9 @@ def cpu_model() -> str:
 
 
 def cpu_id() -> str:
-    """Family / model / stepping from /proc/cpuinfo (e.g. "family 25 model 17 stepping 1", a Zen 4):
-    cloud VMs often report only "AMD EPYC", which names neither the generation nor its ISA."""
-    want = ("cpu family", "model", "stepping")
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip().lower()
-                if key in want and key not in found:
-                    found[key] = val.strip()
-                if len(found) == len(want):
-                    break
-    except OSError:
-        pass
-    return " ".join(f"{k.replace('cpu ', '')} {found[k]}" for k in want if k in found) or "unknown"
+    """Family / model / stepping (e.g. "family 25 model 17 stepping 1", a Zen 4): cloud VMs often
+    report only "AMD EPYC", which names neither the generation nor its ISA."""
+    return _cpuinfo()[2]
 
 
 def cpu_flags() -> frozenset[str]:
