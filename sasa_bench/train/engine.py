@@ -36,6 +36,7 @@ import yaml
 from torch import nn
 
 from sasa_bench.errors import SasaError
+from sasa_bench.hardware import AUTOCAST_DTYPES
 from sasa_bench.progress import TrainProgress
 from sasa_bench.spec import ModelSpec
 from sasa_bench.store import atomic_write_json, atomic_write_text, check_folder, clean_stale_temps
@@ -54,9 +55,9 @@ class NonFiniteLoss(SasaError):
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
+    dtype = AUTOCAST_DTYPES[precision]  # the one precision table (hardware.py)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
